@@ -1,0 +1,35 @@
+"""Parallel layout config: data, pipeline and expert parallel degrees and the schedule.
+
+DeepSeek-V3 trained with pipeline x data parallelism and expert parallelism carved out of
+the data-parallel ranks (no tensor parallelism): world = pp * dp, ep divides dp, and the
+expert-data-parallel degree is dp / ep. `parallel.topology` turns this into process groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.model.config import doc, require
+
+SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks are arranged. Degrees of 1 everywhere is a single-process run."""
+
+    dp: int = doc(-1, "Data-parallel degree; -1 = world_size / pp.")
+    pp: int = doc(1, "Pipeline-parallel degree (ranks per pipeline).")
+    ep: int = doc(1, "Expert-parallel degree; must divide dp. Routed experts are spread over ep ranks.")
+    ranks_per_node: int = doc(0, "Ranks that share a node; 0 = LOCAL_WORLD_SIZE. Set it to emulate nodes on one host.")
+    schedule: str = doc("1f1b", "Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.")
+    zero1: bool = doc(True, "Shard AdamW state across data-parallel ranks (ZeRO-1).")
+    backend: str = doc("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo.")
+    node_limited_dispatch: bool = doc(True, "Two-stage all-to-all: a token crosses to a remote node once, then fans out inside it.")
+
+    def __post_init__(self):
+        require(self.dp == -1 or self.dp >= 1, "dp", self.dp, "must be >= 1, or -1 for world_size / pp")
+        require(self.pp >= 1, "pp", self.pp, "must be >= 1")
+        require(self.ep >= 1, "ep", self.ep, "must be >= 1")
+        require(self.ranks_per_node >= 0, "ranks_per_node", self.ranks_per_node, "must be >= 0 (0 = LOCAL_WORLD_SIZE)")
+        require(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        require(self.backend in ("auto", "nccl", "gloo"), "backend", self.backend, "must be auto, nccl or gloo")

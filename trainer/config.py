@@ -1,0 +1,290 @@
+"""The run config: one dataclass per component, loaded strictly from YAML.
+
+A YAML file has one mapping per section (`model:`, `moe:`, `optim:` ...). Loading is strict:
+an unknown section or key is an error naming it and the closest valid name. `base: other.yaml`
+inherits another file (paths relative to the including file, chains allowed), and dotted
+overrides (`--set optim.lr=3e-4 moe.topk=6`) are applied last. Each component validates its
+own fields; `Config.validate` checks what spans sections. YAML is only the serialisation:
+`to_dict` / `dump_yaml` write the fully resolved config beside checkpoints and in the log.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass
+
+import yaml
+
+from data.config import DataConfig
+from data.dedup.config import DedupConfig
+from parallel.config import ParallelConfig
+from parallel.fp8.config import FP8Config
+from trainer.model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message names field, value and fix."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with fp32 master weights (DeepSeek-V3 section 4.2 hyper-parameters as reference)."""
+
+    lr: float = doc(3e-3, "Peak learning rate (DeepSeek-V3: 2.2e-4).")
+    min_lr: float = doc(3e-4, "Learning rate at the end of the decay.")
+    beta1: float = doc(0.9, "AdamW beta1.")
+    beta2: float = doc(0.95, "AdamW beta2.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc(0.1, "Decoupled weight decay (not applied to norms, biases and router bias).")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    bf16_moments: bool = doc(False, "Keep AdamW moments in bf16 (DeepSeek-V3 section 3.3.3).")
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", self.lr, "must be positive")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be between 0 and lr ({self.lr})")
+        require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "must be positive")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule."""
+
+    kind: str = doc("cosine", "cosine (warmup then cosine to min_lr) or wsd (DeepSeek-V3: warmup, constant, cosine decay).")
+    warmup_steps: int = doc(20, "Linear warmup steps from 0 to lr.")
+    constant_steps: int = doc(0, "wsd only: steps held at lr after warmup before the decay starts.")
+    decay_steps: int = doc(0, "Steps of cosine decay to min_lr after warmup (+constant); 0 = until train.steps.")
+
+    def __post_init__(self):
+        require(self.kind in ("cosine", "wsd"), "kind", self.kind, "must be 'cosine' or 'wsd'")
+        for name in ("warmup_steps", "constant_steps", "decay_steps"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training run."""
+
+    steps: int = doc(200, "Optimizer steps to run.")
+    micro_batch_size: int = doc(8, "Sequences per micro-batch per data-parallel rank.")
+    grad_accum: int = doc(1, "Micro-batches per optimizer step (also the pipeline's micro-batch count).")
+    seed: int = doc(0, "Seed of parameter init and everything random in the run.")
+    device: str = doc("auto", "auto (cuda if available, else cpu), cpu or cuda.")
+    dtype: str = doc("auto", "Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
+    on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing, exit 1) or skip (drop the step).")
+    max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
+    eval_every: int = doc(0, "Evaluate on held-out data every N steps; 0 disables.")
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "grad_accum"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
+        require(self.dtype in ("auto", "fp32", "bf16"), "dtype", self.dtype, "must be auto, fp32 or bf16")
+        require(self.on_nan in ("halt", "skip"), "on_nan", self.on_nan, "must be 'halt' or 'skip'")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpointing and resume."""
+
+    every: int = doc(100, "Save every N steps (and at the end); 0 = only at the end.")
+    keep_last: int = doc(2, "Keep this many most recent checkpoints; older ones are deleted.")
+    resume: str = doc("auto", "auto (latest in output_dir if any), none, or a checkpoint directory.")
+    async_save: bool = doc(False, "Write checkpoints in a background thread.")
+
+    def __post_init__(self):
+        require(self.every >= 0, "every", self.every, "must be >= 0")
+        require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console, JSONL and TensorBoard logging."""
+
+    every: int = doc(10, "Print a console line every N steps (metrics.jsonl gets every step).")
+    tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tb.")
+    peak_tflops: float = doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up from the device (CPU: 1.0).")
+
+    def __post_init__(self):
+        require(self.every >= 1, "every", self.every, "must be >= 1")
+        require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig, "mtp": MTPConfig,
+    "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig, "dedup": DedupConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run. Every section has defaults, so an empty YAML is the tiny CPU run."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    fp8: FP8Config = dataclasses.field(default_factory=FP8Config)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        """Checks that span sections; raises ConfigError naming both fields."""
+        m, a, moe = self.model, self.attention, self.moe
+        if self.data.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len = {self.data.seq_len}: must be <= model.max_seq_len "
+                              f"({m.max_seq_len}); raise model.max_seq_len or lower data.seq_len")
+        if self.parallel.pp > 1 and self.parallel.schedule in ("dualpipe", "dualpipev") \
+                and self.train.grad_accum < 2 * self.parallel.pp:
+            raise ConfigError(f"train.grad_accum = {self.train.grad_accum}: {self.parallel.schedule} needs at "
+                              f"least 2 * parallel.pp ({2 * self.parallel.pp}) micro-batches")
+        if self.parallel.schedule == "dualpipe" and self.parallel.pp > 1 and \
+                (self.parallel.pp % 2 or self.train.grad_accum % 2):
+            raise ConfigError(f"parallel.schedule = 'dualpipe': needs an even parallel.pp ({self.parallel.pp}) "
+                              f"and an even train.grad_accum ({self.train.grad_accum})")
+        if moe.num_experts % self.parallel.ep:
+            raise ConfigError(f"moe.num_experts = {moe.num_experts}: must be divisible by parallel.ep "
+                              f"({self.parallel.ep})")
+        if m.first_k_dense < m.num_layers and moe.expert_ffn_size <= 0:
+            raise ConfigError("moe.expert_ffn_size must be positive when the model has MoE layers")
+        del a
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _closest(name: str, options, prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean '{prefix}{match[0]}'?"
+    return f"; valid names: {', '.join(sorted(options))}"
+
+
+def _coerce(value, tp, where: str):
+    """Check a YAML scalar against a field's annotated type; ints are accepted for floats."""
+    origin = typing.get_origin(tp) or tp
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            pass
+    if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin) \
+            or (origin is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} = {value!r}: expected {origin.__name__}, got {type(value).__name__}")
+    return value
+
+
+def section_from_dict(cls: type, raw, section: str):
+    """Build one component dataclass from a mapping, strictly."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping of fields, got {type(raw).__name__} ({raw!r})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{section}.{key}'{_closest(str(key), names, section + '.')}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{section}.{e}") from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown section '{key}'{_closest(str(key), SECTIONS)}")
+    parts = {name: section_from_dict(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    return Config(**parts).validate()
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml_tree(path: str, _seen: tuple = ()) -> dict:
+    """Read a YAML file, resolving `base:` inheritance (relative to the file) recursively."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' inheritance loops back to itself via {' -> '.join(_seen)}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
+    parent = read_yaml_tree(os.path.join(os.path.dirname(path), base), _seen + (path,))
+    return _deep_merge(parent, raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars."""
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value, e.g. optim.lr=3e-4")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override '{item}': expected section.key=value, e.g. moe.topk=6")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"override '{item}': section '{parts[0]}' is not a mapping")
+        section[parts[1]] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The one way to get a Config: file (with `base:`) + dotted overrides, validated."""
+    raw = read_yaml_tree(path) if path else {}
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
