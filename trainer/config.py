@@ -80,7 +80,6 @@ class TrainConfig:
     output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
     on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing, exit 1) or skip (drop the step).")
     max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
-    eval_every: int = doc(0, "Evaluate on held-out data every N steps; 0 disables.")
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum"):

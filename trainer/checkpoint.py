@@ -1,0 +1,157 @@
+"""Checkpoints that resume bit-exactly and never leave a half-written one behind.
+
+A checkpoint is a directory `step_00000100/` holding `state.pt` (model, optimizer, router biases
+inside the model state, RNG states, data-stream position, step), `config.yaml` (the fully resolved
+config) and `manifest.json` (size and sha256 of every file, verified on load). It is written into
+`step_00000100.tmp-<pid>/` and renamed into place only when complete, so a crash mid-write leaves
+only a `.tmp-*` directory that is never picked up (and is removed by the next save). `latest` is
+found by scanning, not by a pointer file that could go stale. Loading uses `torch.load(...,
+weights_only=True)`: a checkpoint from elsewhere cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2], "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_plain(obj):
+    """numpy values in a state dict -> python/tensor so weights_only loading accepts them."""
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def list_checkpoints(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    return [os.path.join(root, n) for n in names]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
+    """Write atomically and prune to `keep_last`; returns the final directory."""
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # leftovers of a crashed save
+        if ".tmp-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    torch.save(_to_plain(state), os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(config_yaml)
+    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+             for n in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str) -> dict:
+    """Verify the manifest, then load `state.pt` with weights_only=True."""
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path}: no manifest.json; not a complete checkpoint")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    for name, meta in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: size or checksum differs from manifest.json; the checkpoint is "
+                                  "corrupt: delete it to resume from the previous one")
+    try:
+        return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
+        raise CheckpointError(f"{path}/state.pt: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+class AsyncWriter:
+    """Runs `write_checkpoint` in one background thread; `wait()` before the next save or exit."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, *args) -> None:
+        self.wait()
+
+        def run():
+            try:
+                write_checkpoint(*args)
+            except BaseException as e:  # re-raised on the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -1,0 +1,199 @@
+"""The training step and loop for one process (the parallel layer adds ranks around it).
+
+One optimizer step = `train.grad_accum` micro-batches: take packed samples from this rank's token
+stream, build the batch (positions and masks per document), forward (main + MTP + balance losses),
+backward the loss scaled by 1/grad_accum, then clip, check for non-finite values, AdamW step, and
+the auxiliary-loss-free bias update from the step's expert loads (DeepSeek-V3 section 2.1.2:
+after each step, every expert's bias moves by gamma toward balance). Checkpoints carry everything
+needed for a bit-exact resume: model (with router biases), optimizer, step, RNG and data position.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.batch import make_batch
+from trainer.config import Config, ConfigError, dump_yaml
+from trainer.flops import flops_per_token
+from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
+from trainer.model import build_model
+from trainer.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("moepipe")
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradients became NaN/inf and the config says to halt."""
+
+
+@dataclass
+class Run:
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: object
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    step: int = 0
+    nan_skips: int = 0
+    stop_requested: list = field(default_factory=list)
+
+
+def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda': no CUDA device is visible; use train.device=cpu or auto")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    return device, (torch.bfloat16 if dtype == "bf16" else None)
+
+
+def build_run(cfg: Config, stream, dp_rank: int = 0) -> Run:
+    if stream.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer in {cfg.data.output_dir} "
+                          f"has {stream.vocab_size} tokens; set model.vocab_size >= {stream.vocab_size}")
+    device, autocast_dtype = pick_device(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype)
+
+
+def forward_backward(run: Run) -> dict:
+    """All micro-batches of one step; returns summed metrics (losses averaged, counts summed)."""
+    cfg, accum = run.cfg, run.cfg.train.grad_accum
+    totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+    counts = None
+    for _ in range(accum):
+        tokens, doc_lens = run.stream.take(cfg.train.micro_batch_size)
+        batch = make_batch(tokens, doc_lens, run.device)
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+            out = run.model(batch)
+        (out.loss / accum).backward()
+        for key in totals:
+            totals[key] += float(getattr(out, key)) / accum
+        counts = out.expert_counts if counts is None else counts + out.expert_counts
+    totals["expert_counts"] = counts
+    return totals
+
+
+def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def optimizer_step(run: Run, m: dict) -> bool:
+    """Clip, check, step, update router biases. Returns False when the step was skipped."""
+    cfg = run.cfg
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        bad = [k for k in ("lm_loss", "mtp_loss", "balance_loss") if not math.isfinite(m[k])]
+        where = f"losses {bad}" if bad else f"gradient of {first_nonfinite_grad(run.model)}"
+        msg = f"non-finite value at step {run.step + 1}: {where} (loss={m['loss']}, grad_norm={m['grad_norm']})"
+        run.optimizer.zero_grad(set_to_none=True)
+        run.nan_skips += 1
+        if cfg.train.on_nan == "halt" or run.nan_skips > cfg.train.max_nan_skips:
+            raise NonFiniteError(msg + "; halting (train.on_nan=skip drops such steps instead)")
+        log.warning("%s; skipping the step (%d skipped so far)", msg, run.nan_skips)
+        return False
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if m["expert_counts"] is not None:
+        run.model.update_router_bias(m["expert_counts"])
+    return True
+
+
+def state_dict(run: Run) -> dict:
+    return {"step": run.step, "nan_skips": run.nan_skips, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "rng": ckpt.rng_state(), "data": run.stream.state_dict()}
+
+
+def load_state(run: Run, state: dict) -> None:
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.stream.load_state_dict(state["data"])
+    ckpt.set_rng_state(state["rng"])
+    run.step, run.nan_skips = int(state["step"]), int(state["nan_skips"])
+
+
+def resume_path(cfg: Config) -> str | None:
+    where = cfg.checkpoint.resume
+    if where == "none":
+        return None
+    if where == "auto":
+        return ckpt.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints"))
+    if not os.path.isdir(where):
+        raise ConfigError(f"checkpoint.resume = {where!r}: no such checkpoint directory")
+    return where
+
+
+def install_stop_handlers(run: Run) -> None:
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit): finish the step, save, stop."""
+    def handler(signum, _frame):
+        log.warning("received %s: will checkpoint after this step and stop", signal.Signals(signum).name)
+        run.stop_requested.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+def save(run: Run, writer: ckpt.AsyncWriter | None) -> None:
+    cfg = run.cfg
+    root = os.path.join(cfg.train.output_dir, "checkpoints")
+    state = state_dict(run)
+    if writer is None:
+        path = ckpt.write_checkpoint(root, run.step, state, dump_yaml(cfg), cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s", path)
+        return
+    state = _cpu_copy(state)  # training goes on mutating the live tensors
+    writer.submit(root, run.step, state, dump_yaml(cfg), cfg.checkpoint.keep_last)
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def train(run: Run, metrics: MetricsWriter) -> Run:
+    """The loop: steps until train.steps or a stop signal; checkpoints on schedule and at the end."""
+    cfg = run.cfg
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.logging.peak_tflops, run.device)
+    writer = ckpt.AsyncWriter() if cfg.checkpoint.async_save else None
+    timer = StepTimer(run.device)
+    try:
+        while run.step < cfg.train.steps and not run.stop_requested:
+            lr = lr_at(run.step, cfg.optim, cfg.schedule, cfg.train.steps)
+            set_lr(run.optimizer, lr)
+            timer.start()
+            m = forward_backward(run)
+            stepped = optimizer_step(run, m)
+            seconds = timer.stop()
+            run.step += 1
+            tps = tokens_per_step / seconds
+            m.update(lr=lr, step_time=seconds, tokens_per_s=tps, tflops=tps * flops_tok / 1e12,
+                     maxvio=max_violation(m.pop("expert_counts")), skipped=not stepped)
+            m["mfu"] = m["tflops"] / peak if peak else None
+            metrics.write(run.step, cfg.train.steps, m)
+            if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < cfg.train.steps:
+                save(run, writer)
+        save(run, writer)
+    finally:
+        if writer is not None:
+            writer.wait()
+    return run

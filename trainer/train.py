@@ -1,0 +1,73 @@
+"""Entry point: `python -m trainer.train CONFIG [--set section.key=value ...]`.
+
+Works as a plain process and under `torchrun --nproc-per-node 1`. Prepares the data if the
+configured output directory is not prepared yet, resumes from the latest checkpoint in
+`train.output_dir` (checkpoint.resume=auto), logs the fully resolved config first, then trains.
+User errors (config, data, checkpoint) end with one clear line and exit code 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config import ConfigError, dump_yaml, load_config
+
+log = logging.getLogger("moepipe")
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="overrides, e.g. --set optim.lr=3e-4 moe.topk=6")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from trainer import checkpoint as ckpt
+    from trainer.loop import NonFiniteError
+    try:
+        cfg = load_config(args.config, args.set)
+        return run(cfg)
+    except (ConfigError, ckpt.CheckpointError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def run(cfg) -> int:
+    from data.prepare import ensure_prepared
+    from data.stream import TokenStream
+    from trainer import checkpoint as ckpt
+    from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
+    from trainer.metrics import MetricsWriter, setup_logging
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise ConfigError(f"WORLD_SIZE = {world}: multi-rank training is wired in parallel/ "
+                          "(expert/pipeline parallel issues); run with one process for now")
+    setup_logging(cfg.train.output_dir, rank)
+    log.info("resolved config:\n%s", dump_yaml(cfg))
+    data_dir = ensure_prepared(cfg.data, cfg.dedup)
+    stream = TokenStream(data_dir, cfg.data.seq_len, rank=0, world_size=1, seed=cfg.data.seed)
+    run_ = build_run(cfg, stream)
+    path = resume_path(cfg)
+    if path:
+        load_state(run_, ckpt.read_checkpoint(path))
+        log.info("resumed from %s at step %d", path, run_.step)
+    install_stop_handlers(run_)
+    n_params = sum(p.numel() for p in run_.model.parameters())
+    log.info("model: %.2fM parameters on %s; training %d steps", n_params / 1e6, run_.device, cfg.train.steps)
+    metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard)
+    try:
+        train(run_, metrics)
+    finally:
+        metrics.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
