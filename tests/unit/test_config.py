@@ -1,0 +1,73 @@
+"""Strict YAML loading: inheritance, overrides, errors that name field, value and fix."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from trainer.config import Config, ConfigError, config_from_dict, dump_yaml, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_every_shipped_config_loads_and_round_trips():
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert files, "configs/ is empty"
+    for path in files:
+        cfg = load_config(path)
+        again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
+        assert again == cfg, path
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = write(tmp_path / "base.yaml", {"moe": {"topk": 3, "num_experts": 12, "n_group": 4}, "optim": {"lr": 1e-3}})
+    child = write(tmp_path / "child.yaml", {"base": "base.yaml", "optim": {"lr": 5e-4}})
+    cfg = load_config(child, ["moe.topk=4", "optim.min_lr=1e-5"])
+    assert cfg.moe.num_experts == 12 and cfg.moe.topk == 4
+    assert cfg.optim.lr == 5e-4 and cfg.optim.min_lr == 1e-5
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    path = write(tmp_path / "c.yaml", "optim:\n  lr: 3e-4\n  min_lr: 1e-5\n")
+    assert load_config(path).optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["moe.topkk=3"], "unknown key 'moe.topkk'; did you mean 'moe.topk'?"),
+    (["optimm.lr=1"], "unknown section 'optimm'; did you mean 'optim'?"),
+    (["optim.lr=fast"], "optim.lr = 'fast': expected float"),
+    (["model.num_layers=2.5"], "model.num_layers = 2.5: expected int"),
+    (["moe.topk=9"], "moe.topk = 9: must be <= num_experts (8)"),
+    (["moe.n_group=3"], "moe.n_group = 3: must divide num_experts (8)"),
+    (["data.seq_len=512"], "data.seq_len = 512: must be <= model.max_seq_len (256)"),
+    (["parallel.ep=3"], "moe.num_experts = 8: must be divisible by parallel.ep (3)"),
+    (["optim.lr"], "expected section.key=value"),
+])
+def test_errors_name_field_value_and_fix(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_base_loop_and_missing_files_are_clear(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = write(tmp_path / "bad.yaml", "model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = write(tmp_path / "scalar.yaml", "42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)
+
+
+def test_empty_config_is_the_default_run():
+    assert load_config(None) == Config()
