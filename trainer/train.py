@@ -4,6 +4,7 @@ Works as a plain process and under `torchrun --nproc-per-node 1`. Prepares the d
 configured output directory is not prepared yet, resumes from the latest checkpoint in
 `train.output_dir` (checkpoint.resume=auto), logs the fully resolved config first, then trains.
 User errors (config, data, checkpoint) end with one clear line and exit code 2, not a traceback.
+A run stopped by SIGTERM/SIGUSR1 checkpoints and exits 75 (EX_TEMPFAIL) so the launcher requeues it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from trainer.config import ConfigError, dump_yaml, load_config
 
 log = logging.getLogger("moepipe")
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; the launcher should requeue
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +68,10 @@ def run(cfg) -> int:
         train(run_, metrics)
     finally:
         metrics.close()
+    if run_.stop_requested and run_.step < cfg.train.steps:
+        log.warning("stopped at step %d by a signal; checkpoint saved; exit %d asks for a requeue",
+                    run_.step, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     return 0
 
 
