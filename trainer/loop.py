@@ -22,7 +22,7 @@ from trainer.batch import make_batch
 from trainer.config import Config, ConfigError, dump_yaml
 from trainer.flops import flops_per_token
 from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
-from trainer.model import build_model
+from trainer.model.transformer import build_model
 from trainer.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("moepipe")
