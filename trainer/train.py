@@ -41,8 +41,7 @@ def main(argv=None) -> int:
 
 
 def run(cfg) -> int:
-    from data.prepare import ensure_prepared
-    from data.stream import TokenStream
+    from data.stream import stream_from_config
     from trainer import checkpoint as ckpt
     from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
     from trainer.metrics import MetricsWriter, setup_logging
@@ -53,8 +52,7 @@ def run(cfg) -> int:
                           "(expert/pipeline parallel issues); run with one process for now")
     setup_logging(cfg.train.output_dir, rank)
     log.info("resolved config:\n%s", dump_yaml(cfg))
-    data_dir = ensure_prepared(cfg.data, cfg.dedup)
-    stream = TokenStream(data_dir, cfg.data.seq_len, rank=0, world_size=1, seed=cfg.data.seed)
+    stream = stream_from_config(cfg.data, cfg.dedup, rank=0, world_size=1)
     run_ = build_run(cfg, stream)
     path = resume_path(cfg)
     if path:
