@@ -2,7 +2,9 @@
 
 read -> normalise -> exact dedup -> near dedup -> tokenize -> pack -> write (issue 3; DeepSeek-V3
 report section 4.1 for cross-dump dedup and document packing). CONFIG is the training YAML;
-only its `data:` and `dedup:` sections are used. Output in `data.output_dir`:
+only its `data:` and `dedup:` sections are used. Output in `data.output_dir/<fingerprint>/`, where
+the fingerprint hashes every field that changes the prepared bytes, so configs that differ (say in
+seq_len or tokenizer) never overwrite each other's data:
   train.bin/.idx (+ .doclens*.npy), valid.* when data.valid_fraction > 0, tokenizer.json,
   meta.json (what the stream needs), report.json (the summary, machine-readable) and last
   _COMPLETE.json holding the preparation-relevant config; `ensure_prepared` reuses a directory
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -44,6 +47,12 @@ def preparation_record(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> dict:
     """The config fields that change the prepared bytes (workers, seed, output_dir do not)."""
     data = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_PREPARATION}
     return {"version": 1, "data": data, "dedup": dataclasses.asdict(dedup_cfg)}
+
+
+def prepared_dir(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> str:
+    """`data.output_dir/<12 hex digits of the preparation record's sha256>`."""
+    record = json.dumps(preparation_record(data_cfg, dedup_cfg), sort_keys=True, default=str)
+    return os.path.join(data_cfg.output_dir, hashlib.sha256(record.encode()).hexdigest()[:12])
 
 
 def _chunks(items: list, size: int = _CHUNK) -> list[list]:
@@ -209,7 +218,12 @@ def _write_json(path: str, obj) -> None:
 
 
 def is_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:
-    path = os.path.join(data_cfg.output_dir, MARKER)
+    """True when `prepared_dir(...)` holds a completed preparation of exactly this config."""
+    return _complete(prepared_dir(data_cfg, dedup_cfg), data_cfg, dedup_cfg)
+
+
+def _complete(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:
+    path = os.path.join(out_dir, MARKER)
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as f:
@@ -223,13 +237,14 @@ def ensure_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = 
     Safe to call from every rank at once: a file lock lets one process prepare while the
     others wait, then they all see the record.
     """
-    if is_prepared(data_cfg, dedup_cfg):
+    data_cfg = dataclasses.replace(data_cfg, output_dir=prepared_dir(data_cfg, dedup_cfg))
+    if _complete(data_cfg.output_dir, data_cfg, dedup_cfg):
         return data_cfg.output_dir
     os.makedirs(data_cfg.output_dir, exist_ok=True)
     with open(os.path.join(data_cfg.output_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not is_prepared(data_cfg, dedup_cfg):
+            if not _complete(data_cfg.output_dir, data_cfg, dedup_cfg):
                 report = prepare(data_cfg, dedup_cfg, quiet=quiet)
                 if not quiet:
                     print(summary_text(report), file=sys.stderr)
@@ -249,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.set)
-        report = prepare(cfg.data, cfg.dedup)
+        data_cfg = dataclasses.replace(cfg.data, output_dir=prepared_dir(cfg.data, cfg.dedup))
+        report = prepare(data_cfg, cfg.dedup)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_text(report))
-    print(f"\nwrote {cfg.data.output_dir} (report: {os.path.join(cfg.data.output_dir, 'report.json')}) "
+    print(f"\nwrote {data_cfg.output_dir} (report: {os.path.join(data_cfg.output_dir, 'report.json')}) "
           f"in {report['seconds']:.1f}s")
     return 0
 
