@@ -82,6 +82,7 @@ class MoEConfig:
     topk_group: int = doc(2, "Groups M a token may reach (DeepSeek-V3: 4 of 8).")
     score_func: str = doc("sigmoid", "Affinity function: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2).")
     routed_scaling_factor: float = doc(1.0, "Gate weights are normalised to sum 1, then multiplied by this (DeepSeek-V3: 2.5).")
+    normalize_weights: bool = doc(True, "Normalise the chosen experts' affinities to sum 1 (DeepSeek-V3: true; DeepSeek-V2 softmax gate: false).")
     bias_update_speed: float = doc(0.001, "gamma: per-step move of each expert's balancing bias; 0 disables aux-loss-free balancing.")
     seq_aux_loss_alpha: float = doc(0.0001, "alpha of the sequence-wise balance loss; 0 disables it.")
 

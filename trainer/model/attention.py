@@ -1,0 +1,72 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, DeepSeek-V3 section 2.1.1).
+
+Queries: c_Q = RMSNorm(W_DQ h) (rank q_lora_rank), then W_UQ c_Q gives per head a "nope" part
+(qk_nope_head_dim) and a rope part (qk_rope_head_dim) that gets RoPE; with q_lora_rank = 0 the
+query is projected directly from h (DeepSeek-V2-Lite). Keys/values: one joint down-projection
+gives the latent c_KV (kv_lora_rank) plus one rope key k_R (qk_rope_head_dim) shared by all
+heads; c_KV is RMS-normed and up-projected to per-head k_nope and v. Only c_KV and k_R would be
+cached at inference: kv_lora_rank + qk_rope_head_dim numbers per token (`cache_dim`).
+Scores use softmax scale 1/sqrt(qk_nope + qk_rope), causal and same-document masking.
+
+Legend: B batch, L sequence, D hidden, H heads, N nope dims, R rope dims, V value dims,
+C kv_lora_rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.model.layers import RMSNorm, apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, provider, hidden: int, att, *, eps: float, layer: int):
+        super().__init__()
+        self.H, self.N, self.R, self.V = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
+        self.C = att.kv_lora_rank
+        self.scale = 1.0 / math.sqrt(self.N + self.R)
+        lin = lambda i, o: provider.linear(i, o, kind="attention", layer=layer)  # noqa: E731
+        q_out = self.H * (self.N + self.R)
+        if att.q_lora_rank > 0:
+            self.wq_a = lin(hidden, att.q_lora_rank)
+            self.q_norm = RMSNorm(att.q_lora_rank, eps)
+            self.wq_b = lin(att.q_lora_rank, q_out)
+        else:
+            self.wq = lin(hidden, q_out)
+        self.wkv_a = lin(hidden, self.C + self.R)
+        self.kv_norm = RMSNorm(self.C, eps)
+        self.wkv_b = lin(self.C, self.H * (self.N + self.V))
+        self.wo = lin(self.H * self.V, hidden)
+
+    @property
+    def cache_dim(self) -> int:
+        """Numbers per token an inference KV cache holds: latent c_KV plus the shared rope key."""
+        return self.C + self.R
+
+    def compress_kv(self, x_BLD: Tensor, ctx) -> tuple[Tensor, Tensor]:
+        """The cacheable part: normed latent c_KV [B,L,C] and RoPE'd shared key k_R [B,L,R]."""
+        kv = self.wkv_a(x_BLD)
+        c_kv, k_rope = kv.split([self.C, self.R], dim=-1)
+        k_rope = apply_rope(k_rope[:, :, None, :], ctx.cos, ctx.sin)[:, :, 0]
+        return self.kv_norm(c_kv), k_rope
+
+    def queries(self, x_BLD: Tensor, ctx) -> Tensor:
+        """Per-head queries [B,L,H,N+R] with RoPE applied to the rope part."""
+        B, L, _ = x_BLD.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x_BLD))) if hasattr(self, "wq_a") else self.wq(x_BLD)
+        q_nope, q_rope = q.view(B, L, self.H, self.N + self.R).split([self.N, self.R], dim=-1)
+        return torch.cat([q_nope, apply_rope(q_rope, ctx.cos, ctx.sin)], dim=-1)
+
+    def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        B, L, _ = x_BLD.shape
+        q_BLHK = self.queries(x_BLD, ctx)
+        c_kv, k_rope_BLR = self.compress_kv(x_BLD, ctx)
+        k_nope, v_BLHV = self.wkv_b(c_kv).view(B, L, self.H, self.N + self.V).split([self.N, self.V], dim=-1)
+        k_BLHK = torch.cat([k_nope, k_rope_BLR[:, :, None, :].expand(B, L, self.H, self.R)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q_BLHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
+            attn_mask=ctx.mask, scale=self.scale)
+        return self.wo(out.transpose(1, 2).reshape(B, L, self.H * self.V))

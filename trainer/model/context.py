@@ -1,0 +1,61 @@
+"""Per-forward context shared by all blocks of one micro-batch.
+
+A packed row holds several documents (see `trainer.batch`). Every block needs the same
+per-token facts: positions that restart at each document (for RoPE), the boolean attention
+mask "causal and same document" (DeepSeek-V3 trains on packed sequences without cross-document
+attention), and which tokens are padding. MoE layers also report into the context: tokens
+routed per expert (for the aux-loss-free bias update, DeepSeek-V3 section 2.1.2) and their
+sequence-wise balance losses (eq. 17-20). A pipeline stage builds its own context from the
+batch with `model.make_context(batch)` and must add `ctx.balance_loss()` to what it
+back-propagates (the head stage's `head_loss` already includes the balance losses of the
+layers that ran with the same context).
+
+Legend: B batch, L sequence, r = rope dims / 2, N MoE layers of the full model, E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Context:
+    positions: Tensor          # [B,L] long, restart at 0 per document
+    segment_ids: Tensor        # [B,L] long, -1 on padding
+    cos: Tensor                # [B,L,r] fp32 RoPE angles of each token's position
+    sin: Tensor                # [B,L,r]
+    mask: Tensor               # [B,1,L,L] bool, True = query may attend key
+    valid: Tensor              # [B,L] bool, False on padding
+    expert_counts: Tensor      # [N,E] fp32, tokens routed per expert (valid tokens only)
+    balance_losses: list = field(default_factory=list)
+
+    def balance_loss(self) -> Tensor:
+        """Sum of the balance losses recorded by the MoE layers that ran with this context."""
+        if not self.balance_losses:
+            return self.expert_counts.new_zeros(())
+        return torch.stack([x.float() for x in self.balance_losses]).sum()
+
+
+def attention_mask(segment_ids_BL: Tensor) -> Tensor:
+    """[B,1,L,L] bool: causal and within one document. Padding (-1) attends only padding,
+    so no row is empty (softmax stays finite) and no real token ever sees padding."""
+    L = segment_ids_BL.shape[1]
+    same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids_BL.device).tril()
+    return (same & causal)[:, None]
+
+
+def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int, num_experts: int) -> Context:
+    """Build the context of one batch from the model's RoPE tables [max_len, r]."""
+    pos = batch.positions.to(cos_table.device)
+    seg = batch.segment_ids.to(cos_table.device)
+    if pos.numel() and int(pos.max()) >= cos_table.shape[0]:
+        raise ValueError(f"a document position reaches {int(pos.max())} but model.max_seq_len = "
+                         f"{cos_table.shape[0]}; raise model.max_seq_len or shorten the sequences")
+    return Context(
+        positions=pos, segment_ids=seg, cos=cos_table[pos], sin=sin_table[pos],
+        mask=attention_mask(seg), valid=seg >= 0,
+        expert_counts=torch.zeros(n_moe_layers, num_experts, device=cos_table.device),
+    )

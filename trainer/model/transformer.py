@@ -1,0 +1,148 @@
+"""The DeepSeek-V3 model: embedding -> blocks -> RMSNorm -> output head, plus MTP modules.
+
+A pipeline stage is this same class built with fewer blocks (`layers`) and with or without the
+embedding and the head; parameter names match the full model's (blocks are `layers.<global
+index>`). The head stage also keeps an `embed` copy when MTP (or tied embeddings) needs it:
+under pipeline parallelism its gradient must be summed with the first stage's copy, as for tied
+embeddings in Megatron. Pieces for a pipeline runtime: `make_context`, `embed_tokens`,
+`layers[str(i)](h, ctx)`, `head_loss`. Losses: lm + mtp.loss_weight * mean MTP loss + the
+sequence-wise balance losses (DeepSeek-V3 sections 2.1-2.2).
+
+MoE layers of the full model (main MoE blocks in order, then the MoE blocks of the MTP modules)
+each own one row of `expert_counts` [n_moe_layers, E]; a stage leaves the rows it does not own
+at zero, so summing counts over all ranks gives the global loads for `update_router_bias`.
+
+Legend: B batch, L sequence, D hidden, V vocab, E routed experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.batch import IGNORE, mtp_labels
+from trainer.model.block import Block
+from trainer.model.context import Context, make_context
+from trainer.model.init import init_weights
+from trainer.model.layers import RMSNorm, rope_tables
+from trainer.model.moe import LocalDispatcher, MoE
+from trainer.model.mtp import MTPModule, shift_tokens
+from trainer.model.provider import LayerProvider
+from trainer.model.router import update_bias
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor            # lm + mtp_weight * mtp + balance (carries the graph)
+    lm_loss: Tensor         # detached
+    mtp_loss: Tensor        # detached, mean over depths (0 without MTP)
+    balance_loss: Tensor    # detached, sum over MoE layers
+    expert_counts: Tensor   # [n_moe_layers, E] fp32, detached
+
+
+def moe_layer_names(cfg) -> list[str]:
+    """Names of all MoE blocks of the full model in expert-count row order."""
+    m = cfg.model
+    if m.first_k_dense >= m.num_layers:
+        return []
+    return [f"layers.{i}" for i in range(m.first_k_dense, m.num_layers)] + \
+        [f"mtp.{k}.block" for k in range(cfg.mtp.depth)]
+
+
+def token_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
+    """Mean cross-entropy over non-ignored targets (0 when there are none), in fp32."""
+    total = F.cross_entropy(logits_BLV.flatten(0, 1).float(), targets_BL.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total / (targets_BL != IGNORE).sum().clamp(min=1)
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg, provider, dispatcher, layers=None, embed: bool = True, head: bool = True):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.owned = sorted(range(m.num_layers) if layers is None else {int(i) for i in layers})
+        if self.owned and not (0 <= self.owned[0] and self.owned[-1] < m.num_layers):
+            raise ValueError(f"layers {self.owned}: indices must be in [0, model.num_layers = {m.num_layers})")
+        self.has_embed, self.has_head = embed, head
+        self.moe_names = moe_layer_names(cfg)
+        slot = {name: i for i, name in enumerate(self.moe_names)}
+        need_embed = embed or (head and (cfg.mtp.depth > 0 or m.tie_embeddings))
+        self.embed = nn.Embedding(m.vocab_size, m.hidden_size) if need_embed else None
+        self.layers = nn.ModuleDict({
+            str(i): Block(cfg, provider, dispatcher, layer=i, moe_index=slot.get(f"layers.{i}"))
+            for i in self.owned})
+        if head:
+            self.norm = RMSNorm(m.hidden_size, m.norm_eps)
+            self.head = provider.linear(m.hidden_size, m.vocab_size, kind="output_head", layer=None)
+            if m.tie_embeddings:
+                self.head.weight = self.embed.weight
+            self.mtp = nn.ModuleList([
+                MTPModule(cfg, provider, dispatcher, layer=m.num_layers + k, moe_index=slot.get(f"mtp.{k}.block"))
+                for k in range(cfg.mtp.depth)])
+        cos, sin = rope_tables(cfg.attention.qk_rope_head_dim, m.max_seq_len, cfg.attention.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_names)
+
+    def make_context(self, batch) -> Context:
+        return make_context(batch, self.rope_cos, self.rope_sin, self.n_moe_layers, self.cfg.moe.num_experts)
+
+    def embed_tokens(self, batch) -> Tensor:
+        if not self.has_embed:
+            raise RuntimeError("embed_tokens called on a stage built with embed=False")
+        return self.embed(batch.tokens)
+
+    def forward(self, batch, h: Tensor | None = None, ctx: Context | None = None):
+        """Full model: ModelOutput. A stage without head returns h; without embed it needs h."""
+        ctx = self.make_context(batch) if ctx is None else ctx
+        if h is None:
+            h = self.embed_tokens(batch)
+        for i in self.owned:
+            h = self.layers[str(i)](h, ctx)
+        return self.head_loss(h, batch, ctx) if self.has_head else h
+
+    def head_loss(self, h_BLD: Tensor, batch, ctx: Context | None = None) -> ModelOutput:
+        """Final norm, head, MTP and all losses; adds the balance losses recorded in ctx."""
+        if not self.has_head:
+            raise RuntimeError("head_loss called on a stage built with head=False")
+        ctx = self.make_context(batch) if ctx is None else ctx
+        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels)
+        mtp_losses, h_prev = [], h_BLD
+        for k, module in enumerate(self.mtp, start=1):
+            h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
+            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k)))
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
+        balance = ctx.balance_loss()
+        loss = lm + self.cfg.mtp.loss_weight * mtp + balance
+        return ModelOutput(loss=loss, lm_loss=lm.detach(), mtp_loss=mtp.detach(),
+                           balance_loss=balance.detach(), expert_counts=ctx.expert_counts.detach())
+
+    def moe_modules(self) -> list[MoE]:
+        return [mod for mod in self.modules() if isinstance(mod, MoE)]
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: Tensor) -> None:
+        """Aux-loss-free balancing step from counts [n_moe_layers, E] summed over all ranks."""
+        expected = (self.n_moe_layers, self.cfg.moe.num_experts)
+        if tuple(counts.shape) != expected:
+            raise ValueError(f"update_router_bias: counts shape {tuple(counts.shape)}, expected {expected}")
+        gamma = self.cfg.moe.bias_update_speed
+        if gamma == 0:
+            return
+        for mod in self.moe_modules():
+            update_bias(mod.router.bias, counts[mod.moe_index], gamma)
+
+
+def build_model(cfg, provider=None, dispatcher=None, layers=None, embed: bool = True,
+                head: bool = True) -> DeepSeekV3:
+    """Build (and init, unless on the meta device) the model or one pipeline stage of it."""
+    model = DeepSeekV3(cfg, provider or LayerProvider(), dispatcher or LocalDispatcher(cfg.moe.num_experts),
+                       layers=layers, embed=embed, head=head)
+    init_weights(model, cfg.model.init_std, cfg.train.seed)
+    return model
