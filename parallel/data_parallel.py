@@ -1,0 +1,216 @@
+"""Data parallelism with ZeRO-1: averaged gradients, AdamW state sharded over data-parallel ranks.
+
+DeepSeek-V3 (arXiv 2412.19437, section 3.1) uses ZeRO-1 data parallelism (Rajbhandari et al.,
+ZeRO stage 1): every dp rank keeps the full bf16/fp32 parameters but only 1/dp of the fp32
+master copy and AdamW moments. Per step:
+  1. gradients are reduce-scattered in buckets (flat fp32 buffers, issued asynchronously), so each
+     rank receives the summed gradient of its shard only;
+  2. the global gradient norm is the sum of every rank's shard norms, clipping scales all shards;
+  3. each rank runs AdamW (`trainer.optim.adamw_update_`, the single-process arithmetic) on its
+     shard, then the shards are all-gathered back into the parameters.
+Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
+only over the expert-data-parallel group (edp = dp / ep). Both are divided by dp: an expert's
+gradient already sums the tokens of its whole ep group, so sum over edp / dp is the mean over
+all dp ranks' losses, exactly like the dense parameters.
+
+Legend: N elements of a bucket (padded to a multiple of the group size), s = N / group size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parallel.expert import expert_shards
+from trainer.optim import adamw_update_
+
+
+@dataclass
+class _Bucket:
+    """Params flattened into one buffer; this rank owns [index * s, (index + 1) * s)."""
+
+    params: list[tuple[str, nn.Parameter, int]]   # (name, param, offset in the flat buffer)
+    numel: int                                    # padded N
+    group: object
+    size: int
+    index: int
+    weight_decay: float
+    master: Tensor = None                         # fp32 shard [s]
+    exp_avg: Tensor = None
+    exp_avg_sq: Tensor = None
+    grad: Tensor = None                           # reduced fp32 shard [s]
+    work: object = None
+
+    @property
+    def shard(self) -> int:
+        return self.numel // self.size
+
+    def flat_params(self) -> Tensor:
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0][1].device)
+        for _, p, off in self.params:
+            flat[off:off + p.numel()] = p.detach().reshape(-1).float()
+        return flat
+
+    def my_slice(self, flat: Tensor) -> Tensor:
+        return flat[self.index * self.shard:(self.index + 1) * self.shard]
+
+
+def _reduce_scatter(out: Tensor, flat: Tensor, group, async_op: bool):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, flat, group=group, async_op=async_op)
+
+
+class ZeroAdamW:
+    """ZeRO-1 sharded AdamW over a model's parameters; `step(lr)` returns the global grad norm."""
+
+    def __init__(self, model: nn.Module, topology, *, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, grad_clip: float = 0.0, bucket_mb: float = 25.0,
+                 moment_dtype: torch.dtype = torch.float32):
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb = {bucket_mb}: must be positive")
+        self.topology, self.lr, self.betas, self.eps = topology, lr, betas, eps
+        self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
+        experts = expert_shards(model)
+        spaces: dict[tuple[str, float], list] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            kind = "edp" if name in experts else "dp"
+            wd = weight_decay if p.ndim >= 2 else 0.0   # same rule as trainer.optim.param_groups
+            spaces.setdefault((kind, wd), []).append((name, p))
+        cap = max(1, int(bucket_mb * 2 ** 20 / 4))
+        self.buckets: list[_Bucket] = []
+        for (kind, wd), named in spaces.items():
+            self.buckets.extend(self._make_buckets(list(reversed(named)), kind, wd, cap))
+        for b in self.buckets:
+            b.master = b.my_slice(b.flat_params()).clone()
+            b.exp_avg = torch.zeros_like(b.master, dtype=moment_dtype)
+            b.exp_avg_sq = torch.zeros_like(b.master, dtype=moment_dtype)
+
+    def _make_buckets(self, named, kind: str, wd: float, cap: int) -> list[_Bucket]:
+        """Reverse registration order (roughly the order gradients appear in backward)."""
+        group, size = self.topology.group(kind), self.topology.size(kind)
+        index = self.topology.ranks(kind).index(self.topology.rank)
+        out, cur, n = [], [], 0
+        for name, p in named:
+            if cur and n + p.numel() > cap:
+                out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd))
+                cur, n = [], 0
+            cur.append((name, p, n))
+            n += p.numel()
+        if cur:
+            out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd))
+        return out
+
+    # ---- gradients
+    def reduce_gradients(self) -> None:
+        """Reduce-scatter every bucket's gradients (all issued, then awaited), averaged over dp."""
+        scale = 1.0 / self.topology.dp
+        for b in self.buckets:
+            flat = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0][1].device)
+            for _, p, off in b.params:
+                if p.grad is not None:
+                    flat[off:off + p.numel()] = p.grad.reshape(-1).float()
+            flat.mul_(scale)
+            if b.size == 1:
+                b.grad, b.work = flat, None
+            else:
+                b.grad = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
+                b.work = _reduce_scatter(b.grad, flat, b.group, async_op=True)
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the averaged gradients: shard norms summed over dp, then over pp."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for b in self.buckets:
+            sq += b.grad.double().square().sum().cpu()
+        for kind in ("dp", "pp"):
+            if self.topology.size(kind) > 1:
+                dist.all_reduce(sq, group=self.topology.group(kind))
+        return math.sqrt(float(sq))
+
+    # ---- step
+    @torch.no_grad()
+    def step(self, lr: float | None = None) -> float:
+        """Reduce grads, clip, update my shards, all-gather parameters. Returns the grad norm."""
+        lr = self.lr if lr is None else lr
+        self.reduce_gradients()
+        norm = self.grad_norm()
+        coef = 1.0
+        if self.grad_clip > 0:
+            coef = min(1.0, self.grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+        self.step_count += 1
+        for b in self.buckets:
+            g = b.grad.mul_(coef) if coef != 1.0 else b.grad
+            adamw_update_(b.master, g, b.exp_avg, b.exp_avg_sq, self.step_count, lr,
+                          self.betas[0], self.betas[1], self.eps, b.weight_decay)
+            b.grad = None
+        self._gather_params()
+        return norm
+
+    def _gather_params(self) -> None:
+        works, flats = [], []
+        for b in self.buckets:
+            flat = torch.empty(b.numel, dtype=torch.float32, device=b.master.device)
+            flats.append(flat)
+            if b.size == 1:
+                flat.copy_(b.master)
+                works.append(None)
+            else:
+                works.append(dist.all_gather_into_tensor(flat, b.master, group=b.group, async_op=True))
+        for b, flat, work in zip(self.buckets, flats, works):
+            if work is not None:
+                work.wait()
+            for _, p, off in b.params:
+                p.data.copy_(flat[off:off + p.numel()].view_as(p))
+
+    def zero_grad(self, model: nn.Module | None = None) -> None:
+        for b in self.buckets:
+            for _, p, _ in b.params:
+                p.grad = None
+
+    # ---- checkpoint view: full per-parameter state (gathered over the bucket's group)
+    def full_state(self) -> dict[str, dict[str, Tensor]]:
+        """{param name: {"exp_avg", "exp_avg_sq", "master"}} with the shapes of the local params."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for b in self.buckets:
+            full = {k: self._all_gather(b, getattr(b, k).float()) for k in ("master", "exp_avg", "exp_avg_sq")}
+            for name, p, off in b.params:
+                out[name] = {k: v[off:off + p.numel()].view_as(p).clone() for k, v in full.items()}
+        return out
+
+    def load_full_state(self, state: dict[str, dict[str, Tensor]], step: int) -> None:
+        """Inverse of `full_state`: keep my shard of every bucket."""
+        self.step_count = step
+        for b in self.buckets:
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                flat = torch.zeros(b.numel, dtype=torch.float32, device=b.master.device)
+                for name, p, off in b.params:
+                    flat[off:off + p.numel()] = state[name][key].reshape(-1).float()
+                getattr(b, key).copy_(b.my_slice(flat))
+
+    @staticmethod
+    def _all_gather(b: _Bucket, shard: Tensor) -> Tensor:
+        if b.size == 1:
+            return shard.clone()
+        flat = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(flat, shard.contiguous(), group=b.group)
+        return flat
+
+
+def average_gradients(model: nn.Module, topology) -> None:
+    """Plain (non-ZeRO) data parallel: dense grads averaged over dp, expert grads summed over edp / dp."""
+    experts = expert_shards(model)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        kind = "edp" if name in experts else "dp"
+        if topology.size(kind) > 1:
+            dist.all_reduce(p.grad, group=topology.group(kind))
+        p.grad.div_(topology.dp)

@@ -1,0 +1,133 @@
+"""Autograd-aware, asynchronous uneven all-to-all: the one communication primitive of EP.
+
+Expert parallelism (DeepSeek-V3 section 3.2.2) moves token rows between ranks with
+`all_to_all_single` and uneven splits. `start_exchange` exchanges the per-destination row counts
+(synchronously: they size the receive buffers), then issues the row exchange with
+`async_op=True` and returns a `PendingExchange`; `finish()` waits and attaches the result to
+autograd through `_ExchangeFn`, whose backward is the same exchange with the splits swapped.
+Several tensors with the same rows (activations, gate weights, expert ids) travel in one
+exchange so that the backward issues its collectives in one fixed order on every rank.
+
+`CommStats` counts rows and bytes that leave a rank, split into crossing a node boundary and
+staying inside the node (sends to oneself are a local copy and are not counted).
+
+Legend: R rows to send, D hidden, K experts per token, P members of the group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CommStats:
+    """Rows and bytes sent to other ranks, dispatch and combine together, since the last reset."""
+
+    cross_node_rows: int = 0
+    intra_node_rows: int = 0
+    cross_node_bytes: int = 0
+    intra_node_bytes: int = 0
+
+    def add(self, counts: list[int], row_bytes: int, cross: list[bool], me: int, rows: bool) -> None:
+        for member, n in enumerate(counts):
+            if member == me or n == 0:
+                continue
+            if cross[member]:
+                self.cross_node_bytes += n * row_bytes
+                self.cross_node_rows += n if rows else 0
+            else:
+                self.intra_node_bytes += n * row_bytes
+                self.intra_node_rows += n if rows else 0
+
+    def reset(self) -> None:
+        self.cross_node_rows = self.intra_node_rows = self.cross_node_bytes = self.intra_node_bytes = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(cross_node_rows=self.cross_node_rows, intra_node_rows=self.intra_node_rows,
+                    cross_node_bytes=self.cross_node_bytes, intra_node_bytes=self.intra_node_bytes)
+
+
+def exchange_counts(send_counts: list[int], group) -> list[int]:
+    """Each member tells every other how many rows it will send it (one tiny all-to-all)."""
+    if group is None:
+        return list(send_counts)
+    send = torch.tensor(send_counts, dtype=torch.int64)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.tolist()
+
+
+def _a2a(send: Tensor, send_counts: list[int], recv_counts: list[int], group, async_op: bool):
+    recv = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
+    if group is None:
+        recv.copy_(send)
+        return recv, None
+    work = dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group, async_op=async_op)
+    return recv, work
+
+
+class PendingExchange:
+    """Rows in flight. `finish()` waits and returns the received tensors, wired into autograd."""
+
+    def __init__(self, tensors: list[Tensor], send_counts: list[int], recv_counts: list[int], group):
+        self.send_counts, self.recv_counts, self.group = send_counts, recv_counts, group
+        self.inputs = tensors
+        self.recv, self.works = [], []
+        for t in tensors:
+            recv, work = _a2a(t.detach(), send_counts, recv_counts, group, async_op=True)
+            self.recv.append(recv)
+            self.works.append(work)
+        self.done = False
+
+    def wait(self) -> None:
+        for work in self.works:
+            if work is not None:
+                work.wait()
+        self.works = []
+
+    def finish(self) -> list[Tensor]:
+        assert not self.done, "an exchange is finished once"
+        self.done = True
+        return list(_ExchangeFn.apply(self, *self.inputs))
+
+
+class _ExchangeFn(torch.autograd.Function):
+    """Forward: the (already issued) exchange; backward: gradients go back the way rows came."""
+
+    @staticmethod
+    def forward(ctx, pending: PendingExchange, *inputs: Tensor):
+        pending.wait()
+        ctx.meta = (pending.send_counts, pending.recv_counts, pending.group)
+        ctx.shapes = [(t.shape, t.dtype, t.device, t.is_floating_point()) for t in inputs]
+        outs = tuple(pending.recv)
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        send_counts, recv_counts, group = ctx.meta
+        out = []
+        for g, (shape, dtype, device, floating) in zip(grads, ctx.shapes):
+            if not floating:
+                out.append(None)
+                continue
+            if g is None:
+                g = torch.zeros((sum(recv_counts),) + tuple(shape[1:]), dtype=dtype, device=device)
+            back, work = _a2a(g.contiguous(), recv_counts, send_counts, group, async_op=False)
+            out.append(back)
+        return (None, *out)
+
+
+def start_exchange(tensors: list[Tensor], send_counts: list[int], group) -> PendingExchange:
+    """Exchange counts (blocking), then issue the row exchange of every tensor (non-blocking)."""
+    recv_counts = exchange_counts(send_counts, group)
+    return PendingExchange(tensors, send_counts, recv_counts, group)
+
+
+def exchange(tensors: list[Tensor], send_counts: list[int], group) -> tuple[list[Tensor], list[int]]:
+    """Blocking convenience form: (received tensors, counts received from each member)."""
+    pending = start_exchange(tensors, send_counts, group)
+    return pending.finish(), pending.recv_counts
