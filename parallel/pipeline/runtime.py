@@ -1,0 +1,237 @@
+"""Execute one rank's lowered action list for real over torch.distributed point-to-point.
+
+The runtime walks the list produced by `schedules.build_schedule` (compute + SEND/RECV):
+- F: run the chunk on its input (received, handed over locally, or None on the first stage)
+  and keep what the backward needs, per (micro-batch, chunk).
+- B / I: back-propagate the received output gradient (or the loss / N on the loss stage, plus
+  any auxiliary loss the chunk reports, e.g. MoE balance losses of a middle stage). For I the
+  chunk's `WeightGradDeferral` (split.py) collects the weight-gradient closures, which the
+  runtime keeps under that (micro-batch, chunk) and runs at its W. No global store.
+- FB: an F&B pair. `PairExecutor` runs it; the default runs the forward then the backward
+  (torch.distributed.pipelining does the same); an overlapping executor (attention, dispatch,
+  MLP, combine interleaved, DeepSeek-V3 section 3.2.1) can be plugged in without touching
+  the rest, because a pair only needs `runtime.forward(m, c)` / `runtime.backward(m, c, op)`.
+- SEND: a shape header (int64 [ndim, dtype, dims...]) then the tensor, as one batched isend;
+  RECV: the header, then the tensor. Shapes come from the tensors; none are fixed up front.
+  Per pair of ranks the RECVs come in the sender's SEND order (the lowering guarantees it), so
+  this also holds on NCCL, which matches messages in issue order.
+
+After the list: wait for the sends, then `reduce_shared_grads` sums the gradients of every
+parameter held more than once in the pipeline (DualPipe's two model copies, an embedding
+copied onto the head stage for MTP): locally across chunks, then with the other holders.
+
+A chunk is any callable `chunk(micro, x) -> ChunkOutput` with optional attributes `deferral`
+(a WeightGradDeferral) and `named_parameters()`; `ModuleChunk` wraps a plain nn.Module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .actions import Action
+from .schedules import Schedule
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
+_HEADER = 10
+
+
+@dataclass
+class ChunkOutput:
+    out: Tensor | None = None      # activation for the next stage (None on the loss stage)
+    loss: Tensor | None = None     # scalar, on the loss stage only
+    aux: Tensor | None = None      # scalar back-propagated with the same 1/N scale (balance losses)
+    info: object = None            # returned to the caller per micro-batch (e.g. ModelOutput)
+
+
+class ModuleChunk:
+    """A plain nn.Module as a chunk: the first stage reads `inputs[m]`, the last applies `loss_fn`."""
+
+    def __init__(self, module: nn.Module, inputs=None, loss_fn: Callable | None = None, deferral=None):
+        self.module, self.inputs, self.loss_fn, self.deferral = module, inputs, loss_fn, deferral
+
+    def __call__(self, micro: int, x: Tensor | None) -> ChunkOutput:
+        y = self.module(self.inputs[micro] if x is None else x)
+        if self.loss_fn is None:
+            return ChunkOutput(out=y)
+        return ChunkOutput(loss=self.loss_fn(micro, y))
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+
+@dataclass
+class _Saved:
+    x: Tensor | None
+    result: ChunkOutput
+
+
+class PairExecutor:
+    """Runs an F&B pair. This one is serial; subclass to overlap the two micro-batches."""
+
+    def __call__(self, rt: "PipelineRuntime", a: Action) -> None:
+        rt.forward(a.micro, a.chunk)
+        rt.backward(a.micro2, a.chunk2, a.bop)
+
+
+@dataclass
+class PipelineRuntime:
+    schedule: Schedule
+    rank: int                       # this rank's index inside the pipeline
+    chunks: list                    # local chunk index -> chunk
+    group_ranks: list[int] | None = None   # pipeline rank -> global rank (default identity)
+    group: object = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    pair: PairExecutor = field(default_factory=PairExecutor)
+
+    def __post_init__(self):
+        if len(self.chunks) != self.schedule.placement.chunks_per_rank:
+            raise ValueError(f"{self.schedule.name} needs {self.schedule.placement.chunks_per_rank} "
+                             f"chunks per rank, got {len(self.chunks)}")
+        self.group_ranks = self.group_ranks or list(range(self.schedule.num_ranks))
+
+    # ---- one step ----
+    def run(self) -> list:
+        """Run this rank's list once; returns (loss, info) per micro-batch whose loss is here.
+
+        `self.infos[(micro, chunk)]` keeps every chunk's info (e.g. expert counts)."""
+        self._inputs, self._grads, self._outbox = {}, {}, {}
+        self._saved: dict[tuple[int, int], _Saved] = {}
+        self._wq: dict[tuple[int, int], list] = {}
+        self._sends, self._keep, self.results, self.infos = [], [], {}, {}
+        for a in self.schedule.lowered[self.rank]:
+            self.execute(a)
+        for work in self._sends:
+            work.wait()
+        self._keep.clear()
+        assert not self._saved and not self._wq, "activations or W closures left over"
+        return [self.results[m] for m in sorted(self.results)]
+
+    def execute(self, a: Action) -> None:
+        if a.op == "F":
+            self.forward(a.micro, a.chunk)
+        elif a.op in ("B", "I"):
+            self.backward(a.micro, a.chunk, a.op)
+        elif a.op == "W":
+            for fn in self._wq.pop((a.micro, a.chunk)):
+                fn()
+        elif a.op == "FB":
+            self.pair(self, a)
+        elif a.op == "SEND":
+            self._send(self._outbox.pop((a.kind, a.micro, a.chunk)), a.peer)
+        elif a.op == "RECV":
+            store = self._inputs if a.kind == "act" else self._grads
+            store[(a.micro, a.chunk)] = self._recv(a.peer)
+        else:
+            raise AssertionError(f"unknown action {a}")
+
+    def forward(self, m: int, c: int) -> None:
+        place = self.schedule.placement
+        first, last = place.is_first(m, self.rank, c), place.is_last(m, self.rank, c)
+        x = None if first else self._inputs.pop((m, c)).detach().requires_grad_()
+        res = self.chunks[c](m, x)
+        assert (res.loss is not None) == last, f"chunk {c} micro {m}: loss stage mismatch"
+        self.infos[(m, c)] = res.info
+        if last:
+            self.results[m] = (res.loss.detach(), res.info)
+        else:
+            nxt = place.next(m, self.rank, c)
+            if nxt[0] == self.rank:
+                self._inputs[(m, nxt[1])] = res.out.detach()
+            else:
+                self._outbox[("act", m, c)] = res.out.detach()
+        self._saved[(m, c)] = _Saved(x, res)
+
+    def backward(self, m: int, c: int, op: str) -> None:
+        place = self.schedule.placement
+        saved = self._saved.pop((m, c))
+        res, scale = saved.result, 1.0 / self.schedule.num_micro
+        if res.loss is not None:
+            targets, grads = [res.loss * scale], [None]
+        else:
+            targets, grads = [res.out], [self._grads.pop((m, c))]
+        if res.aux is not None and res.aux.requires_grad:
+            targets.append(res.aux * scale)
+            grads.append(None)
+        deferral = getattr(self.chunks[c], "deferral", None)
+        if op == "I" and deferral is not None:
+            with deferral.collect() as sink:
+                torch.autograd.backward(targets, grads)
+            self._wq[(m, c)] = list(sink)
+        else:
+            torch.autograd.backward(targets, grads)
+            if op == "I":
+                self._wq[(m, c)] = []
+        prv = place.prev(m, self.rank, c)
+        if prv is not None:
+            g = saved.x.grad if saved.x.grad is not None else torch.zeros_like(saved.x)
+            if prv[0] == self.rank:
+                self._grads[(m, prv[1])] = g
+            else:
+                self._outbox[("grad", m, c)] = g
+
+    # ---- point to point ----
+    def _send(self, t: Tensor, peer: int) -> None:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
+        header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        dst = self.group_ranks[peer]
+        ops = [dist.P2POp(dist.isend, header.to(self.device), dst, self.group),
+               dist.P2POp(dist.isend, t.contiguous(), dst, self.group)]
+        self._sends += dist.batch_isend_irecv(ops)
+        self._keep += [header, t]  # alive until the sends complete
+
+    def _recv(self, peer: int) -> Tensor:
+        src = self.group_ranks[peer]
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, src, self.group)]):
+            w.wait()
+        h = header.tolist()
+        buf = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, self.group)]):
+            w.wait()
+        return buf
+
+
+def reduce_shared_grads(chunks: list, rank: int, num_ranks: int, group_ranks: list[int] | None = None,
+                        group=None) -> None:
+    """Sum the grads of parameters that appear under the same name in several chunks/ranks.
+
+    Every pipeline rank must call this (it exchanges name lists). Afterwards each holder of a
+    shared name has the total gradient, so identical copies stay identical after the step.
+    """
+    group_ranks = group_ranks or list(range(num_ranks))
+    local: dict[str, list[nn.Parameter]] = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if all(q is not p for q in local.get(name, [])):
+                local.setdefault(name, []).append(p)
+    sums = {}
+    for name, ps in local.items():
+        grads = [p.grad for p in ps if p.grad is not None]
+        sums[name] = torch.stack(grads).sum(0) if grads else torch.zeros_like(ps[0])
+    gathered = [None] * num_ranks
+    names = sorted(local)
+    dist.all_gather_object(gathered, names, group=group)
+    everyone = [set(n) for n in gathered]
+    ops, incoming = [], []
+    for name in names:
+        for peer in range(num_ranks):
+            if peer != rank and name in everyone[peer]:
+                buf = torch.empty_like(sums[name])
+                incoming.append((name, buf))
+                ops.append(dist.P2POp(dist.isend, sums[name], group_ranks[peer], group))
+                ops.append(dist.P2POp(dist.irecv, buf, group_ranks[peer], group))
+    if ops:
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+    total = {name: s.clone() for name, s in sums.items()}
+    for name, buf in incoming:
+        total[name] += buf
+    for name, ps in local.items():
+        if len(ps) > 1 or any(name in everyone[q] for q in range(num_ranks) if q != rank):
+            for p in ps:
+                p.grad = total[name].clone()

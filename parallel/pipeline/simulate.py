@@ -1,0 +1,208 @@
+"""Replay a schedule's action lists with per-action costs: makespan, bubbles, memory, Gantt.
+
+The replay walks every rank's lowered list (compute + SEND/RECV) in order. A compute action
+costs `Costs.of(op)`; a SEND is free and stamps the time its message leaves; a RECV waits for
+the matching SEND plus `latency`. A rank that reaches a RECV whose SEND has not run yet waits;
+if no rank can move, the schedule deadlocks (`Deadlock`). This is the same replay the checks
+use, so a schedule that simulates is also one that runs.
+
+Reported per rank: busy time, bubble = makespan - busy, peak live activations (a forward's
+activations live from its F until its B or I; W-only leftovers are not counted, as in
+DeepSeek-V3 Table 2) and the model-parameter copies. With F = I = W = 1 the bubbles equal the
+closed forms of DeepSeek-V3 Table 2 (section 3.2.1): 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W),
+DualPipe (PP/2-1)(F&B+B-3W); DualPipeV matches DualPipe with PP = 2 x ranks (its stages).
+
+CLI: python -m parallel.pipeline.simulate --schedule dualpipe --pp 8 --micro 20 [--png out.png]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from .actions import Action
+from .schedules import SCHEDULE_NAMES, Schedule, build_schedule
+
+
+class Deadlock(RuntimeError):
+    """No rank can make progress: some RECV waits for a SEND that never comes."""
+
+
+@dataclass
+class Costs:
+    """Time units per action. FB = the cost of an overlapped F&B pair (default F + B: no overlap)."""
+
+    F: float = 1.0
+    I: float = 1.0
+    W: float = 1.0
+    FB: float | None = None
+    latency: float = 0.0
+
+    @property
+    def B(self) -> float:
+        return self.I + self.W
+
+    def pair(self) -> float:
+        return self.F + self.B if self.FB is None else self.FB
+
+    def of(self, a: Action) -> float:
+        if a.op == "FB":
+            return self.pair() - (self.W if a.bop == "I" else 0.0)
+        return {"F": self.F, "B": self.B, "I": self.I, "W": self.W}.get(a.op, 0.0)
+
+    @classmethod
+    def from_overlap(cls, f_compute: float, f_comm: float, b_compute: float, b_comm: float,
+                     w_share: float = 0.5, latency: float = 0.0) -> "Costs":
+        """Chunks = compute + all-to-all; a pair hides the comm of one under the compute of the other."""
+        f, b = f_compute + f_comm, b_compute + b_comm
+        w = w_share * b_compute
+        pair = max(f_compute + b_compute, f_comm + b_comm, max(f, b))
+        return cls(F=f, I=b - w, W=w, FB=pair, latency=latency)
+
+
+@dataclass
+class Replay:
+    """Start/end time of every action of every rank (lowered lists), and the summary."""
+
+    schedule: Schedule
+    costs: Costs
+    spans: list[list[tuple[Action, float, float]]] = field(default_factory=list)
+
+    @property
+    def makespan(self) -> float:
+        return max((e for rank in self.spans for _, _, e in rank), default=0.0)
+
+    def busy(self, r: int) -> float:
+        return sum(e - s for a, s, e in self.spans[r] if a.op not in ("SEND", "RECV"))
+
+    def bubble(self, r: int) -> float:
+        return self.makespan - self.busy(r)
+
+    def peak_activations(self, r: int) -> int:
+        live = peak = 0
+        for a in self.schedule.compute[r]:
+            for op, _, _ in a.parts():
+                if op == "F":
+                    live += 1
+                    peak = max(peak, live)
+                elif op in ("B", "I"):
+                    live -= 1
+        return peak
+
+
+def replay(schedule: Schedule, costs: Costs | None = None) -> Replay:
+    """Run the lowered lists against each other; raise Deadlock if they cannot all finish."""
+    costs = costs or Costs()
+    lists = schedule.lowered
+    R = len(lists)
+    ptr, clock = [0] * R, [0.0] * R
+    sent: dict[tuple[int, int], list[float]] = {}   # (src, dst) -> send times in order
+    taken: dict[tuple[int, int], int] = {}          # (src, dst) -> RECVs consumed so far
+    out = Replay(schedule, costs, [[] for _ in range(R)])
+    while any(ptr[r] < len(lists[r]) for r in range(R)):
+        moved = False
+        for r in range(R):
+            while ptr[r] < len(lists[r]):
+                a = lists[r][ptr[r]]
+                start = clock[r]
+                if a.op == "SEND":
+                    sent.setdefault((r, a.peer), []).append(start)
+                elif a.op == "RECV":
+                    k = taken.get((a.peer, r), 0)
+                    times = sent.get((a.peer, r), [])
+                    if k >= len(times):
+                        break  # blocked on the peer
+                    taken[(a.peer, r)] = k + 1
+                    start = max(start, times[k] + costs.latency)
+                end = start + costs.of(a)
+                out.spans[r].append((a, start, end))
+                clock[r] = end
+                ptr[r] += 1
+                moved = True
+        if not moved:
+            stuck = {r: str(lists[r][ptr[r]]) for r in range(R) if ptr[r] < len(lists[r])}
+            raise Deadlock(f"{schedule.name}: no rank can proceed; waiting at {stuck}")
+    return out
+
+
+def summary_rows(rp: Replay) -> list[dict]:
+    s = rp.schedule
+    return [{"rank": r, "busy": rp.busy(r), "bubble": rp.bubble(r),
+             "peak_act": rp.peak_activations(r), "param_copies": _param_copies(s)} for r in range(s.num_ranks)]
+
+
+def _param_copies(s: Schedule) -> str:
+    """Model-parameter footprint relative to one copy of the model spread over the ranks."""
+    return f"{s.placement.copies}x"
+
+
+def format_report(rp: Replay) -> str:
+    c = rp.costs
+    head = (f"{rp.schedule.name}: pp={rp.schedule.num_ranks} micro={rp.schedule.num_micro} "
+            f"F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.pair():g} latency={c.latency:g}  "
+            f"makespan={rp.makespan:g}")
+    lines = [head, f"{'rank':>4} {'busy':>8} {'bubble':>8} {'bubble%':>8} {'peak_act':>8} {'params':>6}"]
+    for row in summary_rows(rp):
+        frac = 100 * row["bubble"] / rp.makespan if rp.makespan else 0.0
+        lines.append(f"{row['rank']:>4} {row['busy']:>8g} {row['bubble']:>8g} {frac:>7.1f}% "
+                     f"{row['peak_act']:>8} {row['param_copies']:>6}")
+    return "\n".join(lines)
+
+
+_COLORS = {"F": "#4c9be8", "B": "#e8854c", "I": "#e8b04c", "W": "#7cc47c", "FB": "#a06cd5"}
+
+
+def draw_gantt(rp: Replay, path: str) -> None:
+    """One row per rank, one box per compute action, labelled with its micro-batch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = rp.schedule.num_ranks
+    fig, ax = plt.subplots(figsize=(max(8.0, rp.makespan * 0.35), 0.55 * R + 1.2))
+    for r, spans in enumerate(rp.spans):
+        for a, s, e in spans:
+            if a.op in ("SEND", "RECV") or e <= s:
+                continue
+            ax.barh(R - 1 - r, e - s, left=s, color=_COLORS[a.op], edgecolor="black", linewidth=0.5)
+            label = f"{a.micro}|{a.micro2}" if a.op == "FB" else str(a.micro)
+            ax.text((s + e) / 2, R - 1 - r, label, ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(R), [f"rank {r}" for r in reversed(range(R))])
+    ax.set_xlabel("time")
+    ax.set_title(f"{rp.schedule.name}  pp={R}  micro={rp.schedule.num_micro}  makespan={rp.makespan:g}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=col) for col in _COLORS.values()]
+    ax.legend(handles, ["F", "B", "I", "W", "F&B"], loc="upper right", ncol=5, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Replay:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="dualpipe")
+    p.add_argument("--pp", type=int, default=8, help="pipeline ranks")
+    p.add_argument("--micro", type=int, default=20, help="micro-batches per step")
+    p.add_argument("--F", type=float, default=1.0)
+    p.add_argument("--I", type=float, default=1.0)
+    p.add_argument("--W", type=float, default=1.0)
+    p.add_argument("--FB", type=float, default=None, help="overlapped F&B pair cost (default F+B)")
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--png", default=None, help="write a Gantt chart here")
+    p.add_argument("--actions", action="store_true", help="also print each rank's action list")
+    args = p.parse_args(argv)
+    try:
+        s = build_schedule(args.schedule, args.pp, args.micro)
+    except ValueError as e:
+        p.error(str(e))
+    rp = replay(s, Costs(args.F, args.I, args.W, args.FB, args.latency))
+    print(format_report(rp))
+    if args.actions:
+        from .schedules import format_table
+        print(format_table(s))
+    if args.png:
+        draw_gantt(rp, args.png)
+        print(f"wrote {args.png}")
+    return rp
+
+
+if __name__ == "__main__":
+    main()

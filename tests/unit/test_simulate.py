@@ -1,0 +1,63 @@
+"""The schedule simulator reproduces DeepSeek-V3 Table 2 (F = I = W = 1) and draws a Gantt chart."""
+import pytest
+
+from parallel.pipeline.schedules import build_schedule
+from parallel.pipeline.simulate import Costs, draw_gantt, main, replay
+
+
+def _bubbles(name, ranks, n, **costs):
+    rp = replay(build_schedule(name, ranks, n), Costs(**costs))
+    return [rp.bubble(r) for r in range(ranks)], rp
+
+
+@pytest.mark.parametrize("pp,want", [(4, 9), (8, 21), (16, 45)])
+def test_1f1b_bubble_is_pp_minus_1_times_f_plus_b(pp, want):
+    bubbles, rp = _bubbles("1f1b", pp, 2 * pp + 4)
+    assert bubbles == [want] * pp == [(pp - 1) * (1 + 2)] * pp
+    assert max(rp.peak_activations(r) for r in range(pp)) == pp
+
+
+@pytest.mark.parametrize("pp,want", [(4, 3), (8, 7), (16, 15)])
+def test_zb1p_bubble_is_pp_minus_1_times_f_plus_b_minus_2w(pp, want):
+    bubbles, rp = _bubbles("zb1p", pp, 2 * pp + 4)
+    assert bubbles == [want] * pp
+    assert max(rp.peak_activations(r) for r in range(pp)) == pp
+
+
+@pytest.mark.parametrize("pp,fb,want", [(4, 2, 1), (8, 2, 3), (16, 2, 7), (4, 3, 2), (8, 3, 6), (16, 3, 14)])
+def test_dualpipe_and_v_bubbles(pp, fb, want):
+    # (PP/2 - 1)(F&B + B - 3W); DualPipeV runs PP stages on PP/2 ranks
+    assert want == (pp // 2 - 1) * (fb + 2 - 3)
+    for name, ranks in (("dualpipe", pp), ("dualpipev", pp // 2)):
+        bubbles, rp = _bubbles(name, ranks, 2 * pp + 2, FB=fb)
+        assert max(bubbles) == want, name
+        assert [rp.peak_activations(r) for r in range(ranks)] == [pp + 1] * ranks
+
+
+def test_parameter_copies():
+    assert build_schedule("dualpipe", 4, 8).placement.copies == 2
+    assert build_schedule("dualpipev", 4, 8).placement.copies == 1
+    assert build_schedule("zb1p", 4, 8).placement.copies == 1
+
+
+def test_unequal_costs_regression_values():
+    # not covered by the closed forms: pinned from this replay
+    assert _bubbles("1f1b", 4, 8, F=1, I=1.5, W=0.5, latency=0.1)[0] == pytest.approx([10.6] * 4)
+    got = _bubbles("dualpipev", 4, 10, F=1, I=1.5, W=0.5, FB=2.5, latency=0.1)[0]
+    assert got == pytest.approx(REGRESSION_DUALPIPEV)
+
+
+REGRESSION_DUALPIPEV = [9.9, 10.4, 10.9, 11.4]  # pinned from this replay
+
+
+def test_overlap_costs_make_pairs_cheaper():
+    c = Costs.from_overlap(f_compute=1.0, f_comm=0.5, b_compute=2.0, b_comm=1.0)
+    assert c.F == 1.5 and c.B == 3.0 and c.pair() == 3.0 < c.F + c.B
+
+
+def test_cli_prints_table_and_writes_png(tmp_path, capsys):
+    png = tmp_path / "g.png"
+    rp = main(["--schedule", "dualpipe", "--pp", "8", "--micro", "20", "--FB", "2", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "makespan" in out and "bubble" in out and out.count("\n") >= 10
+    assert png.stat().st_size > 5000 and rp.makespan > 0
