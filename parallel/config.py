@@ -22,7 +22,6 @@ class ParallelConfig:
     ep: int = doc(1, "Expert-parallel degree; must divide dp. Routed experts are spread over ep ranks.")
     ranks_per_node: int = doc(0, "Ranks that share a node; 0 = LOCAL_WORLD_SIZE. Set it to emulate nodes on one host.")
     schedule: str = doc("1f1b", "Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.")
-    zero1: bool = doc(True, "Shard AdamW state across data-parallel ranks (ZeRO-1).")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo.")
     node_limited_dispatch: bool = doc(True, "Two-stage all-to-all: a token crosses to a remote node once, then fans out inside it.")
 

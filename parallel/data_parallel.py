@@ -139,9 +139,20 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self, lr: float | None = None) -> float:
         """Reduce grads, clip, update my shards, all-gather parameters. Returns the grad norm."""
-        lr = self.lr if lr is None else lr
+        norm = self.reduce_and_norm()
+        self.apply(self.lr if lr is None else lr, norm)
+        return norm
+
+    @torch.no_grad()
+    def reduce_and_norm(self) -> float:
+        """First half of a step: reduce-scatter gradients and return the global norm (same on all
+        ranks, so every rank takes the same decision when it is not finite)."""
         self.reduce_gradients()
-        norm = self.grad_norm()
+        return self.grad_norm()
+
+    @torch.no_grad()
+    def apply(self, lr: float, norm: float) -> None:
+        """Second half: clip by `norm`, AdamW on my shards, all-gather the parameters."""
         coef = 1.0
         if self.grad_clip > 0:
             coef = min(1.0, self.grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
@@ -152,7 +163,11 @@ class ZeroAdamW:
                           self.betas[0], self.betas[1], self.eps, b.weight_decay)
             b.grad = None
         self._gather_params()
-        return norm
+
+    def discard(self) -> None:
+        """Drop a reduced step (non-finite gradients): nothing is updated."""
+        for b in self.buckets:
+            b.grad = None
 
     def _gather_params(self) -> None:
         works, flats = [], []

@@ -81,20 +81,28 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1] if found else None
 
 
-def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
-    """Write atomically and prune to `keep_last`; returns the final directory."""
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):  # leftovers of a crashed save
-        if ".tmp-" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    final = os.path.join(root, f"step_{step:08d}")
-    tmp = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
+def remove_partial(root: str) -> None:
+    """Delete leftovers of saves that crashed half-way (never picked up by `latest_checkpoint`)."""
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if ".tmp-" in name:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _files(top: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(top):
+        out += [os.path.relpath(os.path.join(dirpath, n), top) for n in names]
+    return sorted(out)
+
+
+def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
+    """Add state.pt, config.yaml and the manifest of every file under `tmp`, rename, prune."""
     torch.save(_to_plain(state), os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(config_yaml)
     files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
-             for n in sorted(os.listdir(tmp))}
+             for n in _files(tmp)}
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()
@@ -105,6 +113,16 @@ def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_l
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
+    """Single-process save: write atomically and prune to `keep_last`; returns the final directory."""
+    os.makedirs(root, exist_ok=True)
+    remove_partial(root)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    return finalize(root, tmp, final, step, state, config_yaml, keep_last)
 
 
 def read_checkpoint(path: str) -> dict:
