@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import distributed as dist_run
 from trainer.batch import make_batch
 from trainer.config import Config, ConfigError, dump_yaml
 from trainer.flops import flops_per_token
@@ -40,9 +41,15 @@ class Run:
     stream: object
     device: torch.device
     autocast_dtype: torch.dtype | None
+    topology: object = None          # parallel.topology.Topology; None = one process
+    zero: object = None              # parallel.data_parallel.ZeroAdamW when world > 1
     step: int = 0
     nan_skips: int = 0
     stop_requested: list = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank if self.topology is not None else 0
 
 
 def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
@@ -56,14 +63,19 @@ def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     return device, (torch.bfloat16 if dtype == "bf16" else None)
 
 
-def build_run(cfg: Config, stream, dp_rank: int = 0) -> Run:
+def build_run(cfg: Config, stream, topology=None, device: torch.device | None = None) -> Run:
+    """Model and optimizer; with a multi-rank topology, experts sharded over ep and ZeRO-1."""
     if stream.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer in {cfg.data.output_dir} "
                           f"has {stream.vocab_size} tokens; set model.vocab_size >= {stream.vocab_size}")
-    device, autocast_dtype = pick_device(cfg)
+    picked, autocast_dtype = pick_device(cfg)
+    device = device or picked
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
-    return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype)
+    if topology is None or topology.world_size == 1:
+        return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype)
+    zero = dist_run.parallelize(model, cfg, topology)
+    return Run(cfg, model, None, stream, device, autocast_dtype, topology=topology, zero=zero)
 
 
 def forward_backward(run: Run) -> dict:
@@ -78,7 +90,7 @@ def forward_backward(run: Run) -> dict:
             out = run.model(batch)
         (out.loss / accum).backward()
         for key in totals:
-            totals[key] += float(getattr(out, key)) / accum
+            totals[key] += float(getattr(out, key).detach()) / accum
         counts = out.expert_counts if counts is None else counts + out.expert_counts
     totals["expert_counts"] = counts
     return totals
@@ -91,37 +103,69 @@ def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
     return None
 
 
-def optimizer_step(run: Run, m: dict) -> bool:
-    """Clip, check, step, update router biases. Returns False when the step was skipped."""
+def optimizer_step(run: Run, m: dict, lr: float) -> bool:
+    """Reduce, clip, check, step, update router biases. Returns False when the step was skipped."""
     cfg = run.cfg
-    params = [p for p in run.model.parameters() if p.grad is not None]
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if run.zero is None:
+        set_lr(run.optimizer, lr)
+        params = [p for p in run.model.parameters() if p.grad is not None]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        m["grad_norm"] = run.zero.reduce_and_norm()  # global: every rank decides alike below
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
         bad = [k for k in ("lm_loss", "mtp_loss", "balance_loss") if not math.isfinite(m[k])]
         where = f"losses {bad}" if bad else f"gradient of {first_nonfinite_grad(run.model)}"
         msg = f"non-finite value at step {run.step + 1}: {where} (loss={m['loss']}, grad_norm={m['grad_norm']})"
-        run.optimizer.zero_grad(set_to_none=True)
+        if run.zero is not None:
+            run.zero.discard()
+        run.model.zero_grad(set_to_none=True)
         run.nan_skips += 1
         if cfg.train.on_nan == "halt" or run.nan_skips > cfg.train.max_nan_skips:
             raise NonFiniteError(msg + "; halting (train.on_nan=skip drops such steps instead)")
         log.warning("%s; skipping the step (%d skipped so far)", msg, run.nan_skips)
         return False
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    if run.zero is None:
+        run.optimizer.step()
+    else:
+        run.zero.apply(lr, m["grad_norm"])
+    run.model.zero_grad(set_to_none=True)
     if m["expert_counts"] is not None:
         run.model.update_router_bias(m["expert_counts"])
     return True
 
 
+def reduce_metrics(run: Run, m: dict) -> None:
+    """Losses averaged over data-parallel ranks; expert loads summed over the whole world, so
+    every rank applies the same bias update (and MaxVio is the global one)."""
+    if run.topology is None or run.topology.world_size == 1:
+        return
+    from parallel.expert import global_expert_counts
+    keys = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+    for key, value in zip(keys, dist_run.all_reduce_mean([m[k] for k in keys], run.topology)):
+        m[key] = value
+    if m["expert_counts"] is not None:
+        m["expert_counts"] = global_expert_counts(m["expert_counts"], run.topology)
+
+
 def state_dict(run: Run) -> dict:
-    return {"step": run.step, "nan_skips": run.nan_skips, "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "rng": ckpt.rng_state(), "data": run.stream.state_dict()}
+    """Everything but the tensors DCP holds in a multi-rank run."""
+    state = {"step": run.step, "nan_skips": run.nan_skips, "rng": ckpt.rng_state(), "data": run.stream.state_dict()}
+    if run.zero is None:
+        state.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+    return state
 
 
-def load_state(run: Run, state: dict) -> None:
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+def load_state(run: Run, path: str) -> None:
+    if run.zero is None:
+        state = ckpt.read_checkpoint(path)
+        if "model" not in state:
+            raise ckpt.CheckpointError(f"{path}: a multi-rank (DCP) checkpoint; resume it with torchrun "
+                                       "(any dp x ep layout works)")
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    else:
+        state = dist_run.load(path, run.model, run.zero, run.topology)
     run.stream.load_state_dict(state["data"])
     ckpt.set_rng_state(state["rng"])
     run.step, run.nan_skips = int(state["step"]), int(state["nan_skips"])
@@ -147,10 +191,27 @@ def install_stop_handlers(run: Run) -> None:
         signal.signal(sig, handler)
 
 
+def stop_agreed(run: Run) -> bool:
+    """True when any rank got a stop signal (max over the world, so all ranks stop together)."""
+    flag = 1.0 if run.stop_requested else 0.0
+    if run.topology is not None and run.topology.world_size > 1:
+        t = torch.tensor([flag])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flag = t.item()
+    if flag and not run.stop_requested:
+        run.stop_requested.append("peer")
+    return bool(flag)
+
+
 def save(run: Run, writer: ckpt.AsyncWriter | None) -> None:
     cfg = run.cfg
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     state = state_dict(run)
+    if run.zero is not None:
+        path = dist_run.save(root, run.step, run.model, run.zero, run.topology, state, dump_yaml(cfg),
+                             cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s", path)
+        return
     if writer is None:
         path = ckpt.write_checkpoint(root, run.step, state, dump_yaml(cfg), cfg.checkpoint.keep_last)
         log.info("saved checkpoint %s", path)
@@ -172,17 +233,18 @@ def _cpu_copy(obj):
 def train(run: Run, metrics: MetricsWriter) -> Run:
     """The loop: steps until train.steps or a stop signal; checkpoints on schedule and at the end."""
     cfg = run.cfg
-    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    dp = run.topology.dp if run.topology is not None else 1
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum * dp
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.logging.peak_tflops, run.device)
-    writer = ckpt.AsyncWriter() if cfg.checkpoint.async_save else None
+    writer = ckpt.AsyncWriter() if cfg.checkpoint.async_save and run.zero is None else None
     timer = StepTimer(run.device)
     try:
-        while run.step < cfg.train.steps and not run.stop_requested:
+        while run.step < cfg.train.steps and not stop_agreed(run):
             lr = lr_at(run.step, cfg.optim, cfg.schedule, cfg.train.steps)
-            set_lr(run.optimizer, lr)
             timer.start()
             m = forward_backward(run)
-            stepped = optimizer_step(run, m)
+            reduce_metrics(run, m)
+            stepped = optimizer_step(run, m, lr)
             seconds = timer.stop()
             run.step += 1
             tps = tokens_per_step / seconds

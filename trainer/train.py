@@ -36,32 +36,36 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         return run(cfg)
     except (ConfigError, ckpt.CheckpointError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(cfg) -> int:
     from data.stream import stream_from_config
-    from trainer import checkpoint as ckpt
+    from trainer.distributed import init_distributed
     from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
     from trainer.metrics import MetricsWriter, setup_logging
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE = {world}: multi-rank training is wired in parallel/ "
-                          "(expert/pipeline parallel issues); run with one process for now")
-    setup_logging(cfg.train.output_dir, rank)
+    topology, device = init_distributed(cfg)
+    setup_logging(cfg.train.output_dir, topology.rank)
     log.info("resolved config:\n%s", dump_yaml(cfg))
-    stream = stream_from_config(cfg.data, cfg.dedup, rank=0, world_size=1)
-    run_ = build_run(cfg, stream)
+    log.info("layout: %s", topology.describe())
+    stream = stream_from_config(cfg.data, cfg.dedup, rank=topology.dp_rank, world_size=topology.dp)
+    run_ = build_run(cfg, stream, topology, device)
     path = resume_path(cfg)
     if path:
-        load_state(run_, ckpt.read_checkpoint(path))
+        load_state(run_, path)
         log.info("resumed from %s at step %d", path, run_.step)
     install_stop_handlers(run_)
     n_params = sum(p.numel() for p in run_.model.parameters())
-    log.info("model: %.2fM parameters on %s; training %d steps", n_params / 1e6, run_.device, cfg.train.steps)
-    metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard)
+    log.info("model: %.2fM parameters on rank 0 (%s); training %d steps", n_params / 1e6, device, cfg.train.steps)
+    metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
+                            enabled=topology.rank == 0)
     try:
         train(run_, metrics)
     finally:
