@@ -238,6 +238,7 @@ def train(run: Run, metrics: MetricsWriter) -> Run:
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.logging.peak_tflops, run.device)
     writer = ckpt.AsyncWriter() if cfg.checkpoint.async_save and run.zero is None else None
     timer = StepTimer(run.device)
+    saved = run.step  # a resumed run starts from a saved step
     try:
         while run.step < cfg.train.steps and not stop_agreed(run):
             lr = lr_at(run.step, cfg.optim, cfg.schedule, cfg.train.steps)
@@ -254,7 +255,9 @@ def train(run: Run, metrics: MetricsWriter) -> Run:
             metrics.write(run.step, cfg.train.steps, m)
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < cfg.train.steps:
                 save(run, writer)
-        save(run, writer)
+                saved = run.step
+        if saved != run.step:
+            save(run, writer)
     finally:
         if writer is not None:
             writer.wait()
