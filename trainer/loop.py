@@ -9,6 +9,7 @@ needed for a bit-exact resume: model (with router biases), optimizer, step, RNG 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ class Run:
     stream: object
     device: torch.device
     autocast_dtype: torch.dtype | None
+    fp8_context: object = None       # () -> context manager around forward+backward (TE autocast)
     topology: object = None          # parallel.topology.Topology; None = one process
     zero: object = None              # parallel.data_parallel.ZeroAdamW when world > 1
     step: int = 0
@@ -71,11 +73,27 @@ def build_run(cfg: Config, stream, topology=None, device: torch.device | None = 
     picked, autocast_dtype = pick_device(cfg)
     device = device or picked
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
+    provider, fp8_context = fp8_provider(cfg)
+    model = build_model(cfg, provider=provider).to(device)
     if topology is None or topology.world_size == 1:
-        return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype)
+        return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype, fp8_context)
     zero = dist_run.parallelize(model, cfg, topology)
-    return Run(cfg, model, None, stream, device, autocast_dtype, topology=topology, zero=zero)
+    return Run(cfg, model, None, stream, device, autocast_dtype, fp8_context, topology=topology, zero=zero)
+
+
+def fp8_provider(cfg: Config):
+    """(LayerProvider, autocast factory) for fp8.*; (None, None) when FP8 is off. A requested
+    backend that cannot run raises (never a silent fall back to BF16)."""
+    if not cfg.fp8.enabled:
+        return None, None
+    from parallel.fp8 import FP8BackendError, autocast_context, make_provider, select_backend
+    try:
+        selection = select_backend(cfg.fp8)
+    except FP8BackendError as e:
+        raise ConfigError(str(e)) from None
+    log.info("fp8: backend %s, recipe %s (%s)", selection.backend, cfg.fp8.recipe, selection.why)
+    provider = make_provider(cfg.fp8, cfg.model.num_layers, backend=selection.backend)
+    return provider, lambda: autocast_context(cfg.fp8, backend=selection.backend)
 
 
 def forward_backward(run: Run) -> dict:
@@ -86,7 +104,8 @@ def forward_backward(run: Run) -> dict:
     for _ in range(accum):
         tokens, doc_lens = run.stream.take(cfg.train.micro_batch_size)
         batch = make_batch(tokens, doc_lens, run.device)
-        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None), \
+                (run.fp8_context() if run.fp8_context else contextlib.nullcontext()):
             out = run.model(batch)
         (out.loss / accum).backward()
         for key in totals:
