@@ -10,6 +10,13 @@ issue 3) go beside it:
 The .idx layout (documented in megatron-core): magic b"MMIDIDX\\x00\\x00", u64 version 1,
 u8 dtype code, u64 sequence count, u64 document count, int32 sequence lengths, int64 byte
 pointers, int64 document indices. megatron-core is imported lazily (it takes seconds).
+
+Files from elsewhere are untrusted: before megatron-core maps them, `validate` checks the .idx
+header (magic, version, dtype code), that its size is exactly what the counts imply, that the
+lengths/pointers are consistent and fit in the .bin, that the document indices are monotonic,
+and that the document lengths (.npy, loaded without pickle) tile every sequence. Any violation
+is one `IndexedDataError` naming the file and what is wrong, never a crash inside numpy or
+megatron-core or a silently shifted read.
 """
 from __future__ import annotations
 
@@ -30,6 +37,90 @@ def _megatron():
 def token_dtype(vocab_size: int):
     """Smallest dtype Megatron uses for this vocabulary (uint16 below 65500, else int32)."""
     return _megatron().DType.optimal_dtype(vocab_size)
+
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = len(_MAGIC) + 8 + 1 + 8 + 8
+# megatron-core's DType codes for the integer token types (float codes are not token files)
+_TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+
+class IndexedDataError(ValueError):
+    """A .bin/.idx/.doclens file that is not a valid prepared dataset; the message says why."""
+
+
+def _fail(path: str, why: str):
+    raise IndexedDataError(f"{path}: {why}; the file is truncated or not a prepared dataset "
+                           "(run python -m data.prepare again)")
+
+
+def _read_idx(prefix: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse and check the .idx: (token dtype, lengths int32, pointers int64, document indices int64)."""
+    path = prefix + ".idx"
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < _HEADER or blob[:len(_MAGIC)] != _MAGIC:
+        _fail(path, f"no Megatron index header (got {len(blob)} bytes starting {blob[:9]!r})")
+    version, code = int.from_bytes(blob[9:17], "little"), blob[17]
+    n_seq, n_doc = int.from_bytes(blob[18:26], "little"), int.from_bytes(blob[26:34], "little")
+    if version != 1:
+        _fail(path, f"index version {version}, expected 1")
+    if code not in _TOKEN_DTYPES:
+        _fail(path, f"dtype code {code} is not an integer token type ({sorted(_TOKEN_DTYPES)})")
+    want = _HEADER + 12 * n_seq + 8 * n_doc
+    if want != len(blob):
+        _fail(path, f"{n_seq} sequences and {n_doc} document indices need {want} bytes, the file has {len(blob)}")
+    lengths = np.frombuffer(blob, np.int32, n_seq, _HEADER)
+    pointers = np.frombuffer(blob, np.int64, n_seq, _HEADER + 4 * n_seq)
+    docs = np.frombuffer(blob, np.int64, n_doc, _HEADER + 12 * n_seq)
+    return np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, docs
+
+
+def validate(prefix: str) -> None:
+    """Raise IndexedDataError unless PREFIX.{idx,bin,doclens.npy,doclens_offsets.npy} are consistent."""
+    dtype, lengths, pointers, docs = _read_idx(prefix)
+    idx, n = prefix + ".idx", len(lengths)
+    if (lengths < 0).any():
+        _fail(idx, "negative sequence length")
+    ends = np.cumsum(lengths.astype(np.int64) * dtype.itemsize)
+    if n and (pointers[0] != 0 or (pointers[1:] != ends[:-1]).any()):
+        _fail(idx, "sequence pointers do not follow the sequence lengths")
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (np.diff(docs) < 0).any():
+        _fail(idx, f"document indices must rise from 0 to the sequence count {n}")
+    bin_path = prefix + ".bin"
+    if not os.path.isfile(bin_path):
+        _fail(bin_path, "missing")
+    need = int(ends[-1]) if n else 0
+    if os.path.getsize(bin_path) != need:
+        _fail(bin_path, f"{os.path.getsize(bin_path)} bytes but the index describes {need}")
+    _validate_doclens(prefix, lengths.astype(np.int64))
+
+
+def _load_npy(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        _fail(path, "missing")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+        _fail(path, f"not a readable .npy array ({type(e).__name__}: {e})")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        _fail(path, f"expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    return arr
+
+
+def _validate_doclens(prefix: str, lengths: np.ndarray) -> None:
+    doclens = _load_npy(prefix + ".doclens.npy")
+    offsets = np.asarray(_load_npy(prefix + ".doclens_offsets.npy"), dtype=np.int64)
+    path = prefix + ".doclens_offsets.npy"
+    if len(offsets) != len(lengths) + 1 or offsets[0] != 0 or offsets[-1] != len(doclens) \
+            or (np.diff(offsets) < 0).any():
+        _fail(path, f"{len(offsets)} offsets for {len(lengths)} sequences and {len(doclens)} document lengths")
+    d = np.asarray(doclens, dtype=np.int64)
+    if (d <= 0).any():
+        _fail(prefix + ".doclens.npy", "document lengths must be positive")
+    cum = np.concatenate([[0], np.cumsum(d)])
+    if (cum[offsets[1:]] - cum[offsets[:-1]] != lengths).any():
+        _fail(prefix + ".doclens.npy", "document lengths do not add up to the sequence lengths")
 
 
 class IndexedWriter:
@@ -62,12 +153,11 @@ class IndexedReader:
         if not os.path.isfile(prefix + ".idx"):
             raise FileNotFoundError(f"no indexed dataset at {prefix}.idx/.bin; run python -m data.prepare")
         self.prefix = prefix
+        validate(prefix)
         self.dataset = _megatron().IndexedDataset(prefix)
-        self.doclens = np.load(prefix + ".doclens.npy", mmap_mode="r")
-        self.offsets = np.load(prefix + ".doclens_offsets.npy")
-        if len(self.offsets) - 1 != len(self.dataset):
-            raise ValueError(f"{prefix}: {len(self.dataset)} sequences but document lengths for "
-                             f"{len(self.offsets) - 1}; the output is corrupt, prepare it again")
+        self.doclens = np.load(prefix + ".doclens.npy", mmap_mode="r", allow_pickle=False)
+        self.offsets = np.load(prefix + ".doclens_offsets.npy", allow_pickle=False)
+        assert len(self.offsets) - 1 == len(self.dataset), "validate() checked the counts"
 
     def __len__(self) -> int:
         return len(self.dataset)

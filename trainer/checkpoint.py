@@ -6,13 +6,23 @@ config) and `manifest.json` (size and sha256 of every file, verified on load). I
 `step_00000100.tmp-<pid>/` and renamed into place only when complete, so a crash mid-write leaves
 only a `.tmp-*` directory that is never picked up (and is removed by the next save). `latest` is
 found by scanning, not by a pointer file that could go stale. Loading uses `torch.load(...,
-weights_only=True)`: a checkpoint from elsewhere cannot run code.
+weights_only=True)`: a checkpoint from elsewhere cannot run code. Files and the parent directory
+are fsynced before and after the rename, so a power loss cannot expose a renamed directory
+whose files are still empty. The manifest may only name plain files inside the checkpoint and
+must list state.pt; its step must match the directory name.
+
+DCP checkpoints (`parallel.checkpoint`) keep their metadata in a pickle that
+torch.distributed.checkpoint reads with plain `pickle.load`; `read_dcp` reads it through an
+unpickler that only builds DCP's own metadata classes, tensors go through torch's weights_only
+loader, so exporting a DCP checkpoint from elsewhere cannot run code either.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -98,9 +108,14 @@ def _files(top: str) -> list[str]:
 
 def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
     """Add state.pt, config.yaml and the manifest of every file under `tmp`, rename, prune."""
-    torch.save(_to_plain(state), os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(_to_plain(state), f)
+        f.flush()
+        os.fsync(f.fileno())
     with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(config_yaml)
+        f.flush()
+        os.fsync(f.fileno())
     files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
              for n in _files(tmp)}
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
@@ -109,10 +124,26 @@ def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yam
         os.fsync(f.fileno())
     if os.path.exists(final):
         shutil.rmtree(final)
+    _fsync_dir(tmp)
     os.rename(tmp, final)
+    _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename/creation inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
@@ -130,12 +161,7 @@ def read_checkpoint(path: str) -> dict:
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"{path}: no manifest.json; not a complete checkpoint")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    files = _read_manifest(path, manifest_path)
     for name, meta in files.items():
         file = os.path.join(path, name)
         if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
@@ -145,6 +171,85 @@ def read_checkpoint(path: str) -> dict:
         return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
         raise CheckpointError(f"{path}/state.pt: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def _read_manifest(path: str, manifest_path: str) -> dict:
+    """The manifest's file table, validated: plain names inside the checkpoint, state.pt listed."""
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files, step = manifest["files"], manifest["step"]
+        ok = isinstance(files, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values())
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise CheckpointError(f"{manifest_path}: 'files' must map names to {{bytes, sha256}}")
+    bad = [n for n in files if not isinstance(n, str) or os.path.basename(n) != n or n in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{manifest_path}: names {bad[:3]} are not plain file names inside the checkpoint")
+    if "state.pt" not in files:
+        raise CheckpointError(f"{manifest_path}: does not list state.pt; not a checkpoint of this trainer")
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"{manifest_path}: step {step!r} but the directory is {os.path.basename(path)}")
+    return files
+
+
+# DCP metadata classes that may appear in a .metadata pickle; anything else is refused.
+_DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": None,  # None = any class defined in that module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _DCP_ALLOWED.get(module, set())
+        obj = super().find_class(module, name) if module in _DCP_ALLOWED else None
+        if module == "torch" and isinstance(obj, torch.dtype):
+            return obj
+        if allowed is None and isinstance(obj, type) and obj.__module__ == module:
+            return obj
+        if allowed and name in allowed:
+            return obj
+        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class")
+
+
+def read_dcp(path: str) -> dict:
+    """Every tensor of a DCP checkpoint at full (global) shape, on CPU, in this one process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: no .metadata; not a DCP checkpoint")
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        blob = f.read()
+    try:
+        metadata = _DCPMetadataUnpickler(io.BytesIO(blob)).load()
+    except Exception as e:  # noqa: BLE001 - any failure of an untrusted pickle is one error
+        raise CheckpointError(f"{path}/.metadata: not loadable safely ({type(e).__name__}: {e})") from None
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    state: dict = {}
+    try:
+        _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: DCP checkpoint unreadable ({type(e).__name__}: {str(e)[:300]})") from None
+    return state
 
 
 class AsyncWriter:
