@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from data.indexed import IndexedReader
+from data.indexed import IndexedDataError, IndexedReader
 
 _BLOCK = 4096
 
@@ -114,7 +114,12 @@ class TokenStream:
         tokens = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
         doc_lens = []
         for row in range(n):
-            seq, lens = self.sample(self.global_index(self.taken))
+            index = self.global_index(self.taken)
+            seq, lens = self.sample(index)
+            if len(seq) and (seq.max() >= self.vocab_size or seq.min() < 0):
+                raise IndexedDataError(f"sample {index}: token id {int(seq.max())} outside the tokenizer's "
+                                       f"vocabulary [0, {self.vocab_size}); the data files do not belong to "
+                                       "this tokenizer: prepare the data again")
             tokens[row, :len(seq)] = seq
             doc_lens.append(lens)
             self.taken += 1

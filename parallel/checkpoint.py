@@ -8,8 +8,16 @@ reads whichever rows the new layout's ep rank owns. Dense tensors are replicated
 copy. ZeRO-1 moment shards are gathered per parameter over their group before saving (cost: one
 parameter-sized copy of the state per rank during the save) and re-sharded by the new layout on
 load, so any (dp, ep) pair with the same pp split can resume.
+
+DCP keeps its metadata in a pickle that its FileSystemReader reads with plain `pickle.load`;
+`safe_reader` reads it with an unpickler that only builds DCP's own metadata classes, so loading a
+checkpoint from elsewhere cannot run code.
 """
 from __future__ import annotations
+
+import io
+import os
+import pickle
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,6 +28,54 @@ from torch.distributed.tensor import DTensor, Shard
 from parallel.expert import expert_shards
 
 _OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+# DCP metadata classes that may appear in a .metadata pickle; anything else is refused.
+_DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": None,  # None = any class defined in that module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A DCP .metadata that is not plain DCP metadata (or not readable)."""
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _DCP_ALLOWED.get(module, set())
+        obj = super().find_class(module, name) if module in _DCP_ALLOWED else None
+        if module == "torch" and isinstance(obj, torch.dtype):
+            return obj
+        if allowed is None and isinstance(obj, type) and obj.__module__ == module:
+            return obj
+        if allowed and name in allowed:
+            return obj
+        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class")
+
+
+def safe_reader(path: str):
+    """A FileSystemReader for `path` whose metadata was read by the restricted unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            metadata = _DCPMetadataUnpickler(io.BytesIO(f.read())).load()
+    except Exception as e:  # any failure of an untrusted pickle is one error
+        raise UnsafeCheckpointError(f"{path}/.metadata: not loadable safely ({type(e).__name__}: {e})") from None
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
 
 
 def _ep_mesh(topology, device: str):
@@ -64,7 +120,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, topology) -> None:
         opt_state = {name: {k: torch.zeros_like(p, dtype=torch.float32) for k in _OPT_KEYS}
                      for b in optimizer.buckets for name, p, _ in b.params}
     state = _state(model, optimizer, topology, opt_state)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=safe_reader(path))
     local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
     with torch.no_grad():
         model.load_state_dict({k[len("model."):]: v for k, v in local.items() if k.startswith("model.")})

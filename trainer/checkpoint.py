@@ -8,7 +8,7 @@ only a `.tmp-*` directory that is never picked up (and is removed by the next sa
 found by scanning, not by a pointer file that could go stale. Loading uses `torch.load(...,
 weights_only=True)`: a checkpoint from elsewhere cannot run code. Files and the parent directory
 are fsynced before and after the rename, so a power loss cannot expose a renamed directory
-whose files are still empty. The manifest may only name plain files inside the checkpoint and
+whose files are still empty. The manifest may only name files inside the checkpoint (relative, no `..`) and
 must list state.pt; its step must match the directory name.
 
 DCP checkpoints (`parallel.checkpoint`) keep their metadata in a pickle that
@@ -19,10 +19,8 @@ loader, so exporting a DCP checkpoint from elsewhere cannot run code either.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -186,9 +184,10 @@ def _read_manifest(path: str, manifest_path: str) -> dict:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
     if not ok:
         raise CheckpointError(f"{manifest_path}: 'files' must map names to {{bytes, sha256}}")
-    bad = [n for n in files if not isinstance(n, str) or os.path.basename(n) != n or n in ("", ".", "..")]
+    bad = [n for n in files if not isinstance(n, str) or os.path.isabs(n)
+           or any(part in ("", ".", "..") for part in n.split("/"))]
     if bad:
-        raise CheckpointError(f"{manifest_path}: names {bad[:3]} are not plain file names inside the checkpoint")
+        raise CheckpointError(f"{manifest_path}: names {bad[:3]} are not file paths inside the checkpoint")
     if "state.pt" not in files:
         raise CheckpointError(f"{manifest_path}: does not list state.pt; not a checkpoint of this trainer")
     m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
@@ -197,56 +196,21 @@ def _read_manifest(path: str, manifest_path: str) -> dict:
     return files
 
 
-# DCP metadata classes that may appear in a .metadata pickle; anything else is refused.
-_DCP_ALLOWED = {
-    "torch.distributed.checkpoint.metadata": None,  # None = any class defined in that module
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = _DCP_ALLOWED.get(module, set())
-        obj = super().find_class(module, name) if module in _DCP_ALLOWED else None
-        if module == "torch" and isinstance(obj, torch.dtype):
-            return obj
-        if allowed is None and isinstance(obj, type) and obj.__module__ == module:
-            return obj
-        if allowed and name in allowed:
-            return obj
-        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class")
-
-
 def read_dcp(path: str) -> dict:
     """Every tensor of a DCP checkpoint at full (global) shape, on CPU, in this one process."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
+    from parallel.checkpoint import UnsafeCheckpointError, safe_reader
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path}: no .metadata; not a DCP checkpoint")
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        blob = f.read()
     try:
-        metadata = _DCPMetadataUnpickler(io.BytesIO(blob)).load()
-    except Exception as e:  # noqa: BLE001 - any failure of an untrusted pickle is one error
-        raise CheckpointError(f"{path}/.metadata: not loadable safely ({type(e).__name__}: {e})") from None
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
+        reader = safe_reader(path)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     state: dict = {}
     try:
-        _load_state_dict(state, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: DCP checkpoint unreadable ({type(e).__name__}: {str(e)[:300]})") from None
     return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -182,12 +183,14 @@ def _coerce(value, tp, where: str):
         return float(value)
     if origin is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads "3e-4" as a string
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
         except ValueError:
             pass
     if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin) \
             or (origin is int and isinstance(value, bool)):
         raise ConfigError(f"{where} = {value!r}: expected {origin.__name__}, got {type(value).__name__}")
+    if origin is float and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value!r}: must be a finite number")
     return value
 
 
@@ -242,6 +245,8 @@ def read_yaml_tree(path: str, _seen: tuple = ()) -> dict:
             raw = yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at top level, got {type(raw).__name__}")
@@ -266,7 +271,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}': expected section.key=value, e.g. moe.topk=6")
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = text
         section = out.setdefault(parts[0], {})
         if not isinstance(section, dict):

@@ -128,8 +128,10 @@ def optimizer_step(run: Run, m: dict, lr: float) -> bool:
     if run.zero is None:
         set_lr(run.optimizer, lr)
         params = [p for p in run.model.parameters() if p.grad is not None]
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        m["grad_norm"] = float(total)
+        if cfg.optim.grad_clip > 0 and math.isfinite(m["grad_norm"]):  # clip after the culprit is known
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, total)
     else:
         m["grad_norm"] = run.zero.reduce_and_norm()  # global: every rank decides alike below
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
@@ -182,6 +184,9 @@ def load_state(run: Run, path: str) -> None:
             raise ckpt.CheckpointError(f"{path}: a multi-rank (DCP) checkpoint; resume it with torchrun "
                                        "(any dp x ep layout works)")
         run.model.load_state_dict(state["model"])
+        if "optimizer" not in state:  # weights only (trainer.import_hf): continue pretraining from step 0
+            log.info("%s holds weights only: fresh optimizer, data stream and step 0", path)
+            return
         run.optimizer.load_state_dict(state["optimizer"])
     else:
         state = dist_run.load(path, run.model, run.zero, run.topology)

@@ -30,12 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from data.indexed import IndexedDataError
     from trainer import checkpoint as ckpt
     from trainer.loop import NonFiniteError
     try:
         cfg = load_config(args.config, args.set)
         return run(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteError) as e:
+    except (ConfigError, ckpt.CheckpointError, NonFiniteError, IndexedDataError) as e:
         rank = os.environ.get("RANK", "0")
         print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

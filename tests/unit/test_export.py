@@ -257,9 +257,14 @@ def test_manifest_cannot_point_outside(tmp_path):
     man = json.load(open(os.path.join(path, "manifest.json")))
     man["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
     json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
-    with pytest.raises(ckpt.CheckpointError, match="plain file names"):
+    with pytest.raises(ckpt.CheckpointError, match="not file paths inside the checkpoint"):
         ckpt.read_checkpoint(path)
     man["files"].pop("../../etc/passwd")
+    man["files"]["/etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
+    with pytest.raises(ckpt.CheckpointError, match="not file paths inside the checkpoint"):
+        ckpt.read_checkpoint(path)
+    man["files"].pop("/etc/passwd")
     man["step"] = 4
     json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
     with pytest.raises(ckpt.CheckpointError, match="step 4"):

@@ -82,9 +82,6 @@ def test_halt_names_step_and_loss(tmp_path):
     assert run.step == BAD_STEP - 1  # nothing after the bad step ran
 
 
-@pytest.mark.xfail(strict=True, reason="loop.optimizer_step clips before locating the bad gradient: "
-                   "clip_grad_norm_ multiplies every grad by NaN, so the first parameter is blamed; "
-                   "see the interop report (locate before clipping); remove this mark after the fix")
 def test_halt_names_the_parameter_with_the_bad_gradient(tmp_path):
     run = _run(tmp_path, "halt")
     _nan_into_grad(run, "layers.1.attn.wo.weight", float("nan"))
