@@ -5,15 +5,11 @@ Pure stdlib so that `data/` stays the bottom layer. Validation raises
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from data.fields import doc as _doc
 
 from data.sources import check_dump_spec
-
-
-def _doc(default, text):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass(kw_only=True)

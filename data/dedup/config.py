@@ -8,16 +8,10 @@ fifth of such copies because their 5-gram Jaccard (~0.45-0.65) sits under its S-
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _doc(default, text):
-    return field(default=default, metadata={"doc": text})
-
-
-def _require(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} = {value!r}: {why}")
+from data.fields import doc as _doc
+from data.fields import require as _require
 
 
 @dataclass(kw_only=True)
