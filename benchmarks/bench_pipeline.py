@@ -2,11 +2,21 @@
 (Schedule1F1B, ScheduleDualPipeV) on 4 gloo ranks, same toy MLP stages, same micro-batches.
 
 Each stage is `LAYERS` blocks of Linear(D, D) + tanh; all schedules run the same 8 blocks
-(4 stages of 2 for 1F1B/ZB1P/DualPipe, 8 stages of 1 for the V schedules). The table shows the
-median step time over `--steps` after one warm-up step, and, for ours, the bubble fraction the
-simulator predicts with F = I = W.  Run: python benchmarks/bench_pipeline.py [--steps 5]
-Note: our F&B pairs run serially here (the overlap needs the EP dispatcher's async handles),
-as torch's do; the difference is scheduling and runtime overhead only.
+(4 stages of 2 for 1F1B/ZB1P/DualPipe, 8 stages of 1 for the V schedules). All runtimes live
+in the same 4 processes and take turns, one step each per round, so load changes hit them
+alike; the table shows the median step time over `--steps` rounds after one warm-up round and,
+for ours, the bubble fraction the simulator predicts with F = I = W.
+Run: python benchmarks/bench_pipeline.py [--steps 7] [--overlap]
+In that table the stages have no all-to-all, so F&B pairs run serially (as torch's do); the
+difference is scheduling and runtime overhead only.
+
+`--overlap` adds the F&B overlap table: a tiny DeepSeek-V3 (MoE in every block, MTP) on
+ep = 2 x pp = 2 (4 gloo ranks), DualPipeV, serial pairs vs overlapped pairs
+(parallel.pipeline.overlap). Loopback gloo moves these rows in microseconds, so the table also
+runs with an artificial all-to-all latency `--delay-ms`: every row exchange (2-D tensors; the
+tiny count exchanges are left alone) completes no earlier than that long after it was issued,
+as on a real network; a blocking exchange therefore pays it in full, an asynchronous one only
+for the part not hidden behind the other micro-batch's compute.
 """
 from __future__ import annotations
 
@@ -33,7 +43,8 @@ def blocks(ids, d):
     return nn.Sequential(*[nn.Sequential(nn.Linear(d, d, bias=False), nn.Tanh()) for _ in ids])
 
 
-def _ours(rank, world, name, n, d, rows, steps):
+def _ours(rank, world, name, n, d, rows):
+    """A step function for our runtime on schedule `name` (the runtime is reused: shapes cached)."""
     s = build_schedule(name, world, n)
     S = s.placement.num_stages
     per = TOTAL_LAYERS // S
@@ -43,19 +54,17 @@ def _ours(rank, world, name, n, d, rows, steps):
         st = s.placement.stage_of(rank, c)
         chunks.append(ModuleChunk(blocks(range(st * per, (st + 1) * per), d), inputs=xs if st == 0 else None,
                                   loss_fn=(lambda m, y: ((y - ts[m]) ** 2).mean()) if st == S - 1 else None))
-    times = []
-    for _ in range(steps + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        PipelineRuntime(s, rank, chunks).run()
+    rt = PipelineRuntime(s, rank, chunks)
+
+    def step():
+        rt.run()
         if s.placement.copies == 2:
             reduce_shared_grads(chunks, rank, world)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return step
 
 
-def _torch(rank, world, name, n, d, rows, steps):
+def _torch(rank, world, name, n, d, rows):
+    """A step function for torch.distributed.pipelining's Schedule1F1B / ScheduleDualPipeV."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
     dev = torch.device("cpu")
     x, t = torch.randn(n * rows, d), torch.randn(n * rows, d)
@@ -70,15 +79,105 @@ def _torch(rank, world, name, n, d, rows, steps):
         stages = [PipelineStage(blocks(range(TOTAL_LAYERS // S), d), i, S, dev) for i in (rank, S - 1 - rank)]
         sched = ScheduleDualPipeV(stages, n, loss_fn=loss_fn)
         first = last = rank == 0
-    times = []
+    return lambda: sched.step(*((x,) if first else ()), target=t if last else None)
+
+
+LABELS = {"ours 1f1b": (_ours, "1f1b"), "ours zb1p": (_ours, "zb1p"), "ours dualpipe": (_ours, "dualpipe"),
+          "ours dualpipev": (_ours, "dualpipev"), "torch Schedule1F1B": (_torch, "1f1b"),
+          "torch ScheduleDualPipeV": (_torch, "dualpipev")}
+
+
+def _all(rank, world, n, d, rows, steps):
+    """Every runtime in the same processes, one step of each per round (load hits all alike)."""
+    fns = {label: make(rank, world, name, n, d, rows) for label, (make, name) in LABELS.items()}
+    times = {label: [] for label in fns}
+    for _ in range(steps + 1):
+        for label, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(ts[1:]) for label, ts in times.items()}
+
+
+def _delayed_all_to_all(delay_s: float) -> list[float]:
+    """Wrap dist.all_to_all_single (in this rank process) so row exchanges take >= delay_s.
+
+    Returns a one-element list accumulating the seconds spent blocked on row exchanges."""
+    real, blocked = dist.all_to_all_single, [0.0]
+
+    class _Late:
+        def __init__(self, work, t0):
+            self.work, self.t0 = work, t0
+
+        def wait(self):
+            t = time.perf_counter()
+            if self.work is not None:
+                self.work.wait()
+            time.sleep(max(0.0, self.t0 + delay_s - time.perf_counter()))
+            blocked[0] += time.perf_counter() - t
+
+    def wrapped(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        t0 = time.perf_counter()
+        work = real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+        if input.dim() < 2:
+            return work
+        late = _Late(work, t0)
+        if async_op:
+            return late
+        late.wait()
+        return None
+
+    dist.all_to_all_single = wrapped
+    return blocked
+
+
+def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
+    from parallel.config import ParallelConfig
+    from parallel.pipeline.model_stage import ModelChunk, build_model_chunks
+    from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
+    from parallel.pipeline.runtime import PairExecutor
+    from parallel.topology import Topology
+    from trainer.batch import make_batch
+    from trainer.config import load_config
+
+    blocked = _delayed_all_to_all(delay_ms / 1000)
+    topo = Topology.from_config(ParallelConfig(pp=2, ep=2))
+    cfg = load_config(None, ["model.vocab_size=256", "model.max_seq_len=64", "data.seq_len=64",
+                             "model.num_layers=4", "model.first_k_dense=0", f"model.hidden_size={d}",
+                             f"moe.expert_ffn_size={d // 2}", "attention.num_heads=4"])
+    g = torch.Generator().manual_seed(topo.dp_rank)
+    batches = [make_batch(torch.randint(0, 256, (4, 64), generator=g), [[64]] * 4) for _ in range(n)]
+    s = build_schedule("dualpipev", topo.pp, n)
+    chunks = build_model_chunks(cfg, s, topo.pp_rank, batches, split_w=True, topology=topo,
+                                chunk_cls=OverlapModelChunk if overlap else ModelChunk)
+    pair = OverlapPairExecutor() if overlap else PairExecutor()
+    rt = PipelineRuntime(s, topo.pp_rank, chunks, group_ranks=topo.ranks("pp"), pair=pair)
+    times, cpu, waits = [], [], []
     for _ in range(steps + 1):
         dist.barrier()
-        t0 = time.perf_counter()
-        args = (x,) if first else ()
-        sched.step(*args, target=t if last else None)
+        t0, c0, b0 = time.perf_counter(), time.process_time(), blocked[0]
+        rt.run()
+        cpu.append(time.process_time() - c0)
+        waits.append(blocked[0] - b0)
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return [statistics.median(x[1:]) for x in (times, cpu, waits)]
+
+
+def overlap_table(a) -> None:
+    print(f"\nF&B overlap: tiny DeepSeek-V3 d={a.overlap_d}, ep=2 x pp=2, dualpipev, micro={a.micro}")
+    print("step = slowest rank's median step; cpu = its CPU time; blocked = time it sat waiting on row "
+          "exchanges (mean over ranks)")
+    print(f"{'a2a latency':<12} {'pairs':<11} {'step ms':>8} {'cpu ms':>7} {'blocked ms':>11}")
+    for delay in (0.0, *a.delay_ms):
+        for ov in (False, True):
+            res = run_ranks(_overlap_rank, 4, ov, delay, a.micro, a.steps, a.overlap_d, timeout=600)
+            step, cpu = max(r[0] for r in res), max(r[1] for r in res)
+            blocked = statistics.mean(r[2] for r in res)
+            print(f"{delay:>9.1f} ms {'overlapped' if ov else 'serial':<11} {1000 * step:>8.1f} "
+                  f"{1000 * cpu:>7.1f} {1000 * blocked:>11.1f}")
 
 
 def main():
@@ -88,28 +187,28 @@ def main():
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--overlap", action="store_true", help="also run the F&B overlap table")
+    p.add_argument("--only-overlap", action="store_true", help="run only the F&B overlap table")
+    p.add_argument("--delay-ms", type=float, nargs="+", default=[5.0, 20.0])
+    p.add_argument("--overlap-d", type=int, default=64)
     a = p.parse_args()
-    common = (a.micro, a.d, a.rows, a.steps)
-    rows = []
-    for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
-        sec = max(run_ranks(_ours, a.world, name, *common, timeout=600))
-        rp = replay(build_schedule(name, a.world, a.micro))
-        frac = max(rp.bubble(r) for r in range(a.world)) / rp.makespan
-        rows.append((f"ours {name}", sec, f"{100 * frac:.0f}%"))
-    for name in ("1f1b", "dualpipev"):
-        try:
-            sec = max(run_ranks(_torch, a.world, name, *common, timeout=600))
-        except RuntimeError as e:
-            print(f"torch {name} failed: {str(e).splitlines()[-1]}")
-            continue
-        rows.append((f"torch {'Schedule1F1B' if name == '1f1b' else 'ScheduleDualPipeV'}", sec, "-"))
-    base = {r[0]: r[1] for r in rows}
-    print(f"world={a.world} micro={a.micro} d={a.d} rows={a.rows} layers={TOTAL_LAYERS} (gloo, CPU)")
-    print(f"{'schedule':<28} {'step ms':>9} {'vs torch 1F1B':>14} {'sim bubble':>11}")
-    ref = base.get("torch Schedule1F1B")
-    for label, sec, frac in rows:
-        rel = f"{sec / ref:.2f}x" if ref else "-"
-        print(f"{label:<28} {1000 * sec:>9.1f} {rel:>14} {frac:>11}")
+    if a.only_overlap:
+        return overlap_table(a)
+    res = run_ranks(_all, a.world, a.micro, a.d, a.rows, a.steps, timeout=900)
+    sec = {label: max(r[label] for r in res) for label in LABELS}
+    print(f"world={a.world} micro={a.micro} d={a.d} rows={a.rows} layers={TOTAL_LAYERS} (gloo, CPU); "
+          f"median of {a.steps} rounds, slowest rank; one step of each runtime per round")
+    print(f"{'schedule':<26} {'step ms':>8} {'/torch 1F1B':>12} {'/torch DualPipeV':>17} {'sim bubble':>11}")
+    for label in LABELS:
+        frac = "-"
+        if label.startswith("ours"):
+            name = LABELS[label][1]
+            rp = replay(build_schedule(name, a.world, a.micro))
+            frac = f"{100 * max(rp.bubble(r) for r in range(a.world)) / rp.makespan:.0f}%"
+        print(f"{label:<26} {1000 * sec[label]:>8.1f} {sec[label] / sec['torch Schedule1F1B']:>11.2f}x "
+              f"{sec[label] / sec['torch ScheduleDualPipeV']:>16.2f}x {frac:>11}")
+    if a.overlap:
+        overlap_table(a)
 
 
 if __name__ == "__main__":

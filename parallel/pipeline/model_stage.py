@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from parallel.expert import parallelize_experts
 from trainer.model.transformer import build_model
 
 from .runtime import ChunkOutput
@@ -50,8 +51,13 @@ class ModelChunk:
 
 
 def build_model_chunks(cfg, schedule: Schedule, rank: int, batches: list, split_w: bool = True,
-                       dispatcher=None) -> list[ModelChunk]:
-    """This rank's chunks for `schedule`; with split_w their linears can defer dW to W."""
+                       dispatcher=None, topology=None, chunk_cls=ModelChunk, **chunk_kwargs) -> list:
+    """This rank's chunks for `schedule`; with split_w their linears can defer dW to W.
+
+    With a `topology` whose ep > 1 each chunk's experts are sharded over the ep group
+    (`parallel.expert.parallelize_experts`). `chunk_cls(model, batches, deferral, **chunk_kwargs)`
+    builds the chunk (e.g. overlap.OverlapModelChunk).
+    """
     place = schedule.placement
     S = place.num_stages
     chunks = []
@@ -62,5 +68,7 @@ def build_model_chunks(cfg, schedule: Schedule, rank: int, batches: list, split_
         model = build_model(cfg, provider=provider, dispatcher=dispatcher,
                             layers=stage_layers(cfg.model.num_layers, S, stage),
                             embed=stage == 0, head=stage == S - 1)
-        chunks.append(ModelChunk(model, batches, deferral))
+        if topology is not None and topology.ep > 1 and model.moe_modules():
+            parallelize_experts(model, topology)
+        chunks.append(chunk_cls(model, batches, deferral, **chunk_kwargs))
     return chunks

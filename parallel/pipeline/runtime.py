@@ -7,21 +7,27 @@ The runtime walks the list produced by `schedules.build_schedule` (compute + SEN
   any auxiliary loss the chunk reports, e.g. MoE balance losses of a middle stage). For I the
   chunk's `WeightGradDeferral` (split.py) collects the weight-gradient closures, which the
   runtime keeps under that (micro-batch, chunk) and runs at its W. No global store.
-- FB: an F&B pair. `PairExecutor` runs it; the default runs the forward then the backward
-  (torch.distributed.pipelining does the same); an overlapping executor (attention, dispatch,
-  MLP, combine interleaved, DeepSeek-V3 section 3.2.1) can be plugged in without touching
-  the rest, because a pair only needs `runtime.forward(m, c)` / `runtime.backward(m, c, op)`.
-- SEND: a shape header (int64 [ndim, dtype, dims...]) then the tensor, as one batched isend;
-  RECV: the header, then the tensor. Shapes come from the tensors; none are fixed up front.
-  Per pair of ranks the RECVs come in the sender's SEND order (the lowering guarantees it), so
-  this also holds on NCCL, which matches messages in issue order.
+- FB: an F&B pair, run by a pair executor. `PairExecutor` runs the forward then the backward
+  (torch.distributed.pipelining does the same); `overlap.OverlapPairExecutor` interleaves the
+  two micro-batches (DeepSeek-V3 section 3.2.1). Both drive the generator forms
+  `forward_steps(m, c)` / `backward_steps(m, c, op)`, which yield whenever a chunk has an
+  all-to-all in flight (chunks with a `steps` method and a tape, see overlap.py).
+- SEND / RECV: a run of consecutive comm actions becomes one `batch_isend_irecv`. The first
+  time a message (peer, kind, micro-batch, chunk) goes by, it carries a shape header (int64
+  [ndim, dtype, dims...]); both ends then cache its shape and dtype and later steps send the
+  bare tensor, one round trip per message instead of two. Shapes come from the tensors; none
+  are fixed up front. A sender whose shape changes raises (pass `dynamic_shapes=True` to send
+  headers every time). Reuse one runtime across steps so that the caches stay in step on all
+  ranks. Per pair of ranks the RECVs come in the sender's SEND order (the lowering guarantees
+  it), so this also holds on NCCL, which matches messages in issue order.
 
 After the list: wait for the sends, then `reduce_shared_grads` sums the gradients of every
 parameter held more than once in the pipeline (DualPipe's two model copies, an embedding
 copied onto the head stage for MTP): locally across chunks, then with the other holders.
 
 A chunk is any callable `chunk(micro, x) -> ChunkOutput` with optional attributes `deferral`
-(a WeightGradDeferral) and `named_parameters()`; `ModuleChunk` wraps a plain nn.Module.
+(a WeightGradDeferral), `steps(micro, x)` (a generator form of the call) and
+`named_parameters()`; `ModuleChunk` wraps a plain nn.Module.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .actions import Action
+from .actions import COMM_OPS, Action
 from .schedules import Schedule
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
@@ -45,6 +51,7 @@ class ChunkOutput:
     loss: Tensor | None = None     # scalar, on the loss stage only
     aux: Tensor | None = None      # scalar back-propagated with the same 1/N scale (balance losses)
     info: object = None            # returned to the caller per micro-batch (e.g. ModelOutput)
+    tape: object = None            # a segmented forward (overlap.Tape) whose backward can yield
 
 
 class ModuleChunk:
@@ -69,8 +76,17 @@ class _Saved:
     result: ChunkOutput
 
 
+def drain(gen):
+    """Run a generator to its end and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 class PairExecutor:
-    """Runs an F&B pair. This one is serial; subclass to overlap the two micro-batches."""
+    """Runs an F&B pair serially: the forward, then the backward."""
 
     def __call__(self, rt: "PipelineRuntime", a: Action) -> None:
         rt.forward(a.micro, a.chunk)
@@ -86,12 +102,15 @@ class PipelineRuntime:
     group: object = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     pair: PairExecutor = field(default_factory=PairExecutor)
+    dynamic_shapes: bool = False    # True: every message carries its shape header
 
     def __post_init__(self):
         if len(self.chunks) != self.schedule.placement.chunks_per_rank:
             raise ValueError(f"{self.schedule.name} needs {self.schedule.placement.chunks_per_rank} "
                              f"chunks per rank, got {len(self.chunks)}")
         self.group_ranks = self.group_ranks or list(range(self.schedule.num_ranks))
+        self._sent_meta: dict[tuple, tuple] = {}   # (peer, kind, micro, chunk) -> (shape, dtype)
+        self._recv_meta: dict[tuple, tuple] = {}
 
     # ---- one step ----
     def run(self) -> list:
@@ -102,8 +121,17 @@ class PipelineRuntime:
         self._saved: dict[tuple[int, int], _Saved] = {}
         self._wq: dict[tuple[int, int], list] = {}
         self._sends, self._keep, self.results, self.infos = [], [], {}, {}
-        for a in self.schedule.lowered[self.rank]:
-            self.execute(a)
+        acts, i = self.schedule.lowered[self.rank], 0
+        while i < len(acts):
+            j = i
+            while j < len(acts) and acts[j].op in COMM_OPS:
+                j += 1
+            if j > i:
+                self._communicate(acts[i:j])
+                i = j
+            else:
+                self.execute(acts[i])
+                i += 1
         for work in self._sends:
             work.wait()
         self._keep.clear()
@@ -120,19 +148,24 @@ class PipelineRuntime:
                 fn()
         elif a.op == "FB":
             self.pair(self, a)
-        elif a.op == "SEND":
-            self._send(self._outbox.pop((a.kind, a.micro, a.chunk)), a.peer)
-        elif a.op == "RECV":
-            store = self._inputs if a.kind == "act" else self._grads
-            store[(a.micro, a.chunk)] = self._recv(a.peer)
+        elif a.op in COMM_OPS:
+            self._communicate([a])
         else:
             raise AssertionError(f"unknown action {a}")
 
     def forward(self, m: int, c: int) -> None:
+        drain(self.forward_steps(m, c))
+
+    def backward(self, m: int, c: int, op: str) -> None:
+        drain(self.backward_steps(m, c, op))
+
+    def forward_steps(self, m: int, c: int):
+        """Generator: the forward of (m, c); yields while the chunk has communication in flight."""
         place = self.schedule.placement
         first, last = place.is_first(m, self.rank, c), place.is_last(m, self.rank, c)
         x = None if first else self._inputs.pop((m, c)).detach().requires_grad_()
-        res = self.chunks[c](m, x)
+        chunk = self.chunks[c]
+        res = (yield from chunk.steps(m, x)) if hasattr(chunk, "steps") else chunk(m, x)
         assert (res.loss is not None) == last, f"chunk {c} micro {m}: loss stage mismatch"
         self.infos[(m, c)] = res.info
         if last:
@@ -145,8 +178,8 @@ class PipelineRuntime:
                 self._outbox[("act", m, c)] = res.out.detach()
         self._saved[(m, c)] = _Saved(x, res)
 
-    def backward(self, m: int, c: int, op: str) -> None:
-        place = self.schedule.placement
+    def backward_steps(self, m: int, c: int, op: str):
+        """Generator: the backward (B or I) of (m, c); yields while an all-to-all is in flight."""
         saved = self._saved.pop((m, c))
         res, scale = saved.result, 1.0 / self.schedule.num_micro
         if res.loss is not None:
@@ -159,41 +192,93 @@ class PipelineRuntime:
         deferral = getattr(self.chunks[c], "deferral", None)
         if op == "I" and deferral is not None:
             with deferral.collect() as sink:
-                torch.autograd.backward(targets, grads)
+                yield from self._autograd(res, targets, grads)
             self._wq[(m, c)] = list(sink)
         else:
-            torch.autograd.backward(targets, grads)
+            yield from self._autograd(res, targets, grads)
             if op == "I":
                 self._wq[(m, c)] = []
-        prv = place.prev(m, self.rank, c)
-        if prv is not None:
-            g = saved.x.grad if saved.x.grad is not None else torch.zeros_like(saved.x)
-            if prv[0] == self.rank:
-                self._grads[(m, prv[1])] = g
-            else:
-                self._outbox[("grad", m, c)] = g
+        self._hand_back(m, c, saved.x)
+
+    @staticmethod
+    def _autograd(res: ChunkOutput, targets: list, grads: list):
+        if res.tape is None:
+            torch.autograd.backward(targets, grads)
+        else:
+            yield from res.tape.backward_steps(targets, grads)
+
+    def _hand_back(self, m: int, c: int, x: Tensor | None) -> None:
+        prv = self.schedule.placement.prev(m, self.rank, c)
+        if prv is None:
+            return
+        g = x.grad if x.grad is not None else torch.zeros_like(x)
+        if prv[0] == self.rank:
+            self._grads[(m, prv[1])] = g
+        else:
+            self._outbox[("grad", m, c)] = g
 
     # ---- point to point ----
-    def _send(self, t: Tensor, peer: int) -> None:
+    def _communicate(self, acts: list[Action]) -> None:
+        """Post a run of SEND/RECV actions as one batch; messages without cached shapes go first
+        through the header protocol, one by one, in list order."""
+        ops, recvs = [], []
+        for a in acts:
+            key = (a.peer, a.kind, a.micro, a.chunk)
+            dst = self.group_ranks[a.peer]
+            if a.op == "SEND":
+                t = self._outbox.pop((a.kind, a.micro, a.chunk)).contiguous()
+                self._send_header(t, key, dst, ops)
+                ops.append(dist.P2POp(dist.isend, t, dst, self.group))
+                self._keep.append(t)  # alive until the sends complete
+                continue
+            meta = self._recv_meta.get(key) if not self.dynamic_shapes else None
+            if meta is None:  # the shape comes first, in its own round trip
+                self._flush(ops, recvs)
+                ops, recvs = [], []
+                meta = self._recv_header(dst)
+                self._recv_meta[key] = meta
+            buf = torch.empty(meta[0], dtype=meta[1], device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buf, dst, self.group))
+            recvs.append((a, buf, len(ops) - 1))
+        self._flush(ops, recvs)
+
+    def _flush(self, ops: list, recvs: list) -> None:
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        waiting = {i for _, _, i in recvs}
+        for i, w in enumerate(works):
+            if i in waiting:
+                w.wait()
+            else:
+                self._sends.append(w)
+        for a, buf, _ in recvs:
+            store = self._inputs if a.kind == "act" else self._grads
+            store[(a.micro, a.chunk)] = buf
+
+    def _send_header(self, t: Tensor, key: tuple, dst: int, ops: list) -> None:
+        """Append the shape header op unless both ends already know this message's shape."""
+        meta = (tuple(t.shape), t.dtype)
+        known = self._sent_meta.get(key)
+        if known is not None and not self.dynamic_shapes:
+            if known != meta:
+                raise ValueError(f"pipeline message {key} changed from {known} to {meta}; build the "
+                                 f"runtime with dynamic_shapes=True when activation shapes vary")
+            return
+        self._sent_meta[key] = meta
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
         header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-        dst = self.group_ranks[peer]
-        ops = [dist.P2POp(dist.isend, header.to(self.device), dst, self.group),
-               dist.P2POp(dist.isend, t.contiguous(), dst, self.group)]
-        self._sends += dist.batch_isend_irecv(ops)
-        self._keep += [header, t]  # alive until the sends complete
+        header = header.to(self.device)
+        ops.append(dist.P2POp(dist.isend, header, dst, self.group))
+        self._keep.append(header)
 
-    def _recv(self, peer: int) -> Tensor:
-        src = self.group_ranks[peer]
+    def _recv_header(self, src: int) -> tuple:
         header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
         for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, src, self.group)]):
             w.wait()
         h = header.tolist()
-        buf = torch.empty(h[2:2 + h[0]], dtype=_DTYPES[h[1]], device=self.device)
-        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, src, self.group)]):
-            w.wait()
-        return buf
+        return tuple(h[2:2 + h[0]]), _DTYPES[h[1]]
 
 
 def reduce_shared_grads(chunks: list, rank: int, num_ranks: int, group_ranks: list[int] | None = None,

@@ -50,7 +50,9 @@ class _DeferrableLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, deferral):
         ctx.save_for_backward(x, weight)
-        ctx.deferral = deferral
+        # the parameter itself: under activation checkpointing the saved `weight` comes back
+        # as a recomputed alias, and a deferred .grad must land on the real parameter
+        ctx.deferral, ctx.param = deferral, weight
         return x @ weight.t()
 
     @staticmethod
@@ -63,7 +65,8 @@ class _DeferrableLinearFn(torch.autograd.Function):
         sink = ctx.deferral.sink if ctx.deferral is not None else None
         if sink is None:
             return gx, g2.t() @ x2, None
-        sink.append(lambda: _accumulate(weight, x2.detach(), g2.detach()))
+        param = ctx.param
+        sink.append(lambda: _accumulate(param, x2.detach(), g2.detach()))
         return gx, None, None
 
 

@@ -54,12 +54,21 @@ def _pipeline_rank(rank, world, pp, n, names):
             mod = ToyStage(range(st * LAYERS_PER_STAGE, (st + 1) * LAYERS_PER_STAGE), deferral)
             chunks.append(ModuleChunk(mod, inputs=xs if st == 0 else None,
                                       loss_fn=loss_fn(ts) if st == S - 1 else None, deferral=deferral))
-        rt = PipelineRuntime(s, rank, chunks)
-        losses = rt.run()
-        reduce_shared_grads(chunks, rank, pp)
-        # numpy: tensors cannot cross the result queue once the rank has exited
-        grads = {n_: p.grad.detach().numpy().copy() for ch in chunks for n_, p in ch.named_parameters()}
-        out[name] = ({m: l.item() for m, (l, _) in zip(_loss_micros(s, rank), losses)}, grads)
+        # one runtime, two steps: the second sends bare tensors (shapes cached), except with
+        # dynamic_shapes where every message carries its header again
+        rt = PipelineRuntime(s, rank, chunks, dynamic_shapes=name == "zb1p")
+        steps = []
+        for _ in range(2):
+            for ch in chunks:
+                ch.module.zero_grad(set_to_none=True)
+            losses = rt.run()
+            reduce_shared_grads(chunks, rank, pp)
+            # numpy: tensors cannot cross the result queue once the rank has exited
+            grads = {n_: p.grad.detach().numpy().copy() for ch in chunks for n_, p in ch.named_parameters()}
+            steps.append(({m: l.item() for m, (l, _) in zip(_loss_micros(s, rank), losses)}, grads))
+        assert steps[1][0] == steps[0][0], (name, "second step losses differ")
+        assert all((steps[1][1][k] == v).all() for k, v in steps[0][1].items()), (name, "second step grads")
+        out[name] = steps[1]
     return out
 
 
