@@ -44,11 +44,16 @@ def init_distributed(cfg: Config):
 
 
 def parallelize(model: torch.nn.Module, cfg: Config, topology):
-    """Shard experts over ep and build the ZeRO-1 optimizer. Returns the ZeroAdamW."""
-    from parallel.data_parallel import ZeroAdamW
+    """Shard experts over ep and build the ZeRO-1 optimizer. Returns (ZeroAdamW, dispatcher or None)."""
     from parallel.expert import parallelize_experts
+    dispatcher = None
     if topology.ep > 1:
-        parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
+        dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
+    return zero_optimizer(model, cfg, topology), dispatcher
+
+
+def zero_optimizer(model: torch.nn.Module, cfg: Config, topology):
+    from parallel.data_parallel import ZeroAdamW
     o = cfg.optim
     return ZeroAdamW(model, topology, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                      grad_clip=o.grad_clip, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32)

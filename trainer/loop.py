@@ -45,6 +45,8 @@ class Run:
     fp8_context: object = None       # () -> context manager around forward+backward (TE autocast)
     topology: object = None          # parallel.topology.Topology; None = one process
     zero: object = None              # parallel.data_parallel.ZeroAdamW when world > 1
+    pipeline: object = None          # trainer.pipeline_run engine when parallel.pp > 1
+    dispatcher: object = None        # parallel.expert.AllToAllDispatcher when parallel.ep > 1
     step: int = 0
     nan_skips: int = 0
     stop_requested: list = field(default_factory=list)
@@ -77,8 +79,9 @@ def build_run(cfg: Config, stream, topology=None, device: torch.device | None = 
     model = build_model(cfg, provider=provider).to(device)
     if topology is None or topology.world_size == 1:
         return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype, fp8_context)
-    zero = dist_run.parallelize(model, cfg, topology)
-    return Run(cfg, model, None, stream, device, autocast_dtype, fp8_context, topology=topology, zero=zero)
+    zero, dispatcher = dist_run.parallelize(model, cfg, topology)
+    return Run(cfg, model, None, stream, device, autocast_dtype, fp8_context, topology=topology, zero=zero,
+               dispatcher=dispatcher)
 
 
 def fp8_provider(cfg: Config):
@@ -98,6 +101,8 @@ def fp8_provider(cfg: Config):
 
 def forward_backward(run: Run) -> dict:
     """All micro-batches of one step; returns summed metrics (losses averaged, counts summed)."""
+    if run.pipeline is not None:
+        return run.pipeline.forward_backward(run)
     cfg, accum = run.cfg, run.cfg.train.grad_accum
     totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
     counts = None
@@ -167,6 +172,12 @@ def reduce_metrics(run: Run, m: dict) -> None:
         m[key] = value
     if m["expert_counts"] is not None:
         m["expert_counts"] = global_expert_counts(m["expert_counts"], run.topology)
+    if run.dispatcher is not None:  # all-to-all traffic of this step, summed over ranks
+        stats = run.dispatcher.stats
+        t = torch.tensor([float(stats.cross_node_bytes), float(stats.intra_node_bytes)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        m["a2a_cross_node_MB"], m["a2a_intra_node_MB"] = t[0].item() / 2**20, t[1].item() / 2**20
+        stats.reset()
 
 
 def state_dict(run: Run) -> dict:

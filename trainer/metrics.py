@@ -98,9 +98,12 @@ class MetricsWriter:
 
 def format_line(step: int, total: int, m: dict) -> str:
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
-    return (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lm {m['lm_loss']:.4f} | mtp {m['mtp_loss']:.4f} "
+    line = (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lm {m['lm_loss']:.4f} | mtp {m['mtp_loss']:.4f} "
             f"| bal {m['balance_loss']:.2e} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} "
             f"| tok/s {m['tokens_per_s']:,.0f} | TFLOP/s {m['tflops']:.3f} | MFU {mfu} | maxvio {m['maxvio']:.3f}")
+    if "a2a_cross_node_MB" in m:
+        line += f" | a2a MB x-node {m['a2a_cross_node_MB']:.2f} in-node {m['a2a_intra_node_MB']:.2f}"
+    return line
 
 
 class StepTimer:
