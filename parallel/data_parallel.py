@@ -43,6 +43,9 @@ class _Bucket:
     exp_avg_sq: Tensor = None
     grad: Tensor = None                           # reduced fp32 shard [s]
     work: object = None
+    kind: str = "dp"                              # dp (dense) or edp (experts)
+    grad_group: object = None                     # group of the overlapped reduce-scatter
+    ready: int = 0                                # params whose final gradient arrived
 
     @property
     def shard(self) -> int:
@@ -73,6 +76,7 @@ class ZeroAdamW:
             raise ValueError(f"bucket_mb = {bucket_mb}: must be positive")
         self.topology, self.lr, self.betas, self.eps = topology, lr, betas, eps
         self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
+        self._grad_groups, self._armed, self._next, self.launched_in_backward = None, False, 0, 0
         experts = expert_shards(model)
         spaces: dict[tuple[str, float], list] = {}
         for name, p in model.named_parameters():
@@ -97,29 +101,72 @@ class ZeroAdamW:
         out, cur, n = [], [], 0
         for name, p in named:
             if cur and n + p.numel() > cap:
-                out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd))
+                out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd, kind=kind))
                 cur, n = [], 0
             cur.append((name, p, n))
             n += p.numel()
         if cur:
-            out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd))
+            out.append(_Bucket(cur, math.ceil(n / size) * size, group, size, index, wd, kind=kind))
         return out
 
     # ---- gradients
-    def reduce_gradients(self) -> None:
-        """Reduce-scatter every bucket's gradients (all issued, then awaited), averaged over dp."""
-        scale = 1.0 / self.topology.dp
+    def overlap_next_backward(self) -> None:
+        """Start each bucket's reduce-scatter during the next backward (call it before the last
+        micro-batch's backward), as soon as every parameter of the bucket has its final gradient.
+
+        Buckets are launched strictly in bucket order on every rank (one whose parameters got no
+        gradient here holds back the ones after it until `reduce_gradients`), so collectives match
+        across ranks even when routing differs; they run on process groups of their own, so they
+        never interleave with the expert all-to-alls issued by the same backward."""
+        if self._grad_groups is None:
+            self._install_hooks()
+        self._armed, self._next = True, 0
         for b in self.buckets:
-            flat = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0][1].device)
-            for _, p, off in b.params:
-                if p.grad is not None:
-                    flat[off:off + p.numel()] = p.grad.reshape(-1).float()
-            flat.mul_(scale)
-            if b.size == 1:
-                b.grad, b.work = flat, None
-            else:
-                b.grad = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
-                b.work = _reduce_scatter(b.grad, flat, b.group, async_op=True)
+            b.ready = 0
+
+    def _install_hooks(self) -> None:
+        self._grad_groups = {}
+        if self.topology.world_size > 1:  # every rank creates every group, in one order
+            for kind in ("dp", "edp"):
+                for ranks in self.topology.layout.groups[kind]:
+                    group = dist.new_group(list(ranks))
+                    if self.topology.rank in ranks:
+                        self._grad_groups[kind] = group
+        for b in self.buckets:
+            b.grad_group = self._grad_groups.get(b.kind, b.group)
+            for _, p, _ in b.params:
+                p.register_post_accumulate_grad_hook(self._hook(b))
+
+    def _hook(self, b: _Bucket):
+        def on_grad(_p):
+            if self._armed:
+                b.ready += 1
+                while self._next < len(self.buckets) and \
+                        self.buckets[self._next].ready >= len(self.buckets[self._next].params):
+                    self._launch(self.buckets[self._next])
+                    self._next += 1
+                    self.launched_in_backward += 1
+        return on_grad
+
+    def _launch(self, b: _Bucket) -> None:
+        """Flatten this bucket's gradients (averaged over dp) and start its reduce-scatter."""
+        flat = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0][1].device)
+        for _, p, off in b.params:
+            if p.grad is not None:
+                flat[off:off + p.numel()] = p.grad.reshape(-1).float()
+        flat.mul_(1.0 / self.topology.dp)
+        if b.size == 1:
+            b.grad, b.work = flat, None
+        else:
+            b.grad = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
+            b.work = _reduce_scatter(b.grad, flat, b.grad_group or b.group, async_op=True)
+
+    def reduce_gradients(self) -> None:
+        """Reduce-scatter every bucket not yet launched during backward, then wait for all."""
+        start = self._next if self._armed else 0
+        for b in self.buckets[start:]:
+            self._launch(b)
+        self._armed, self._next = False, 0
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()

@@ -68,7 +68,8 @@ def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
 
 
 def build_run(cfg: Config, stream, topology=None, device: torch.device | None = None) -> Run:
-    """Model and optimizer; with a multi-rank topology, experts sharded over ep and ZeRO-1."""
+    """Model and optimizer; with a multi-rank topology, experts sharded over ep and ZeRO-1
+    (pp > 1: one model per rank holding its pipeline stages, see trainer.pipeline_run)."""
     if stream.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer in {cfg.data.output_dir} "
                           f"has {stream.vocab_size} tokens; set model.vocab_size >= {stream.vocab_size}")
@@ -76,6 +77,9 @@ def build_run(cfg: Config, stream, topology=None, device: torch.device | None = 
     device = device or picked
     torch.manual_seed(cfg.train.seed)
     provider, fp8_context = fp8_provider(cfg)
+    if topology is not None and topology.pp > 1:
+        from trainer.pipeline_run import build_pipeline_run
+        return build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, fp8_context)
     model = build_model(cfg, provider=provider).to(device)
     if topology is None or topology.world_size == 1:
         return Run(cfg, model, build_optimizer(model, cfg.optim), stream, device, autocast_dtype, fp8_context)
@@ -106,7 +110,9 @@ def forward_backward(run: Run) -> dict:
     cfg, accum = run.cfg, run.cfg.train.grad_accum
     totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
     counts = None
-    for _ in range(accum):
+    for micro in range(accum):
+        if run.zero is not None and micro == accum - 1:
+            run.zero.overlap_next_backward()  # reduce-scatter buckets while backward still runs
         tokens, doc_lens = run.stream.take(cfg.train.micro_batch_size)
         batch = make_batch(tokens, doc_lens, run.device)
         with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None), \
