@@ -37,9 +37,6 @@ def init_distributed(cfg: Config):
         topology = Topology.from_config(cfg.parallel, num_experts=cfg.moe.num_experts)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if topology.pp > 1:
-        raise ConfigError(f"parallel.pp = {topology.pp}: the pipeline runtime (parallel/pipeline) is not wired "
-                          "into trainer.train yet; use parallel.pp=1 (dp x ep) for training runs")
     return topology, device
 
 

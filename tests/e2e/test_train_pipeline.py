@@ -1,0 +1,110 @@
+"""trainer.train with pipeline parallelism (parallel.pp = 2, torchrun, gloo) equals one process.
+
+The single-process run takes train.grad_accum = 4 micro-batches of 1 sequence per step; the
+pipeline runs the same 4 micro-batches through its schedule (every pp rank reads the same
+stream). Losses, balance loss and MaxVio (from the router-bias update's expert loads) agree to
+float rounding (measured <= 3e-8 relative). The grad norm is compared at rel 2e-5 (measured
+<= 2.3e-6): the single-process path takes torch's fp32 `get_total_norm`, ZeRO-1 sums squares
+in float64. A norm that counted the head stage's MTP embedding copy (1F1B, ZB1P) or DualPipe's
+second model copy twice would be off by percents.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.e2e.test_train import TINY, losses, overrides, torchrun
+from trainer.train import main
+
+# a 512-token BPE keeps the output head (and each launch) small
+ARGS = ["train.steps=3", "data.seq_len=64", "model.max_seq_len=64", "train.micro_batch_size=1",
+        "train.grad_accum=4", "logging.every=1", "data.tokenizer=bpe:512", "model.vocab_size=512"]
+KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "maxvio")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pp_data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    """The single-process run (it also prepares the data for the torchrun runs)."""
+    out = str(tmp_path_factory.mktemp("pp_ref"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks (OMP_NUM_THREADS=1); two threads only contend here
+    try:
+        assert main([TINY, "--set", *overrides(data_root, out, *ARGS, "checkpoint.every=0")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return losses(out)
+
+
+def pipeline_run(data_root, out, schedule, *extra, nproc=2):
+    torchrun(nproc, overrides(data_root, out, *ARGS, "parallel.pp=2", f"parallel.schedule={schedule}", *extra))
+    return losses(out)
+
+
+def assert_matches(ref, got, steps=(1, 2, 3)):
+    assert sorted(got) == list(steps)
+    for step in steps:
+        for key in KEYS:
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6, abs=1e-9), (step, key)
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=2e-5), step
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe"])
+def test_pipeline_steps_equal_one_process(data_root, reference, tmp_path, schedule):
+    got = pipeline_run(data_root, str(tmp_path / schedule), schedule, "checkpoint.every=0")
+    assert_matches(reference, got)
+
+
+def test_dualpipev_equals_one_process_and_resumes_exactly(data_root, reference, tmp_path):
+    """DualPipeV (embedding, head and MTP all on rank 0) matches one process; its checkpoint of
+    step 1 (DCP, single-process names) resumes at pp = 2 with identical steps 2 and 3."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    a = pipeline_run(data_root, full, "dualpipev", "checkpoint.every=1", "checkpoint.keep_last=5")
+    assert_matches(reference, a)
+    step1 = os.path.join("checkpoints", "step_00000001")
+    assert os.path.isdir(os.path.join(full, step1, "dcp"))
+    os.makedirs(os.path.join(resumed, "checkpoints"))
+    shutil.copytree(os.path.join(full, step1), os.path.join(resumed, step1))
+    b = pipeline_run(data_root, resumed, "dualpipev", "checkpoint.every=1", "checkpoint.keep_last=5")
+    assert sorted(b) == [2, 3]
+    for step in (2, 3):
+        for key in (*KEYS, "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+
+
+def test_pipeline_with_expert_parallel_equals_ep1(data_root, tmp_path):
+    """pp = 2 x dp = 2 on 4 ranks, DualPipeV: experts sharded over ep = 2 (all-to-all dispatch,
+    F&B pairs overlapped by OverlapPairExecutor) equals replicated experts (ep = 1)."""
+    extra = ("checkpoint.every=0", "parallel.ranks_per_node=2")
+    one = pipeline_run(data_root, str(tmp_path / "ep1"), "dualpipev", *extra, "parallel.ep=1", nproc=4)
+    two = pipeline_run(data_root, str(tmp_path / "ep2"), "dualpipev", *extra, "parallel.ep=2", nproc=4)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in (*KEYS, "grad_norm"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-6, abs=1e-9), (step, key)
+    assert two[1]["a2a_intra_node_MB"] > 0
+
+
+def test_union_model_holds_the_stages_of_a_rank():
+    """DualPipeV at pp = 2, rank 0: one model with blocks 0 and 3, the embedding and the head;
+    each chunk's linears defer their weight gradients to that chunk's W (head and MTP to chunk 1)."""
+    from parallel.pipeline.model_stage import build_union_chunks
+    from parallel.pipeline.schedules import build_schedule
+    from parallel.pipeline.split import DeferrableLinear
+    from trainer.config import load_config
+    cfg = load_config(TINY, ["model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=64"])
+    model, chunks = build_union_chunks(cfg, build_schedule("dualpipev", 2, 4), 0, [])
+    assert model.owned == [0, 3] and model.has_embed and model.has_head
+    assert [c.model.owned for c in chunks] == [[0], [3]]
+    names = [{n for n, _ in c.named_parameters()} for c in chunks]
+    assert "embed.weight" in names[0] and "head.weight" not in names[0] and "layers.3.attn_norm.weight" not in names[0]
+    assert {"head.weight", "embed.weight", "layers.3.attn_norm.weight"} <= names[1]
+    for name, mod in model.named_modules():
+        if isinstance(mod, DeferrableLinear):
+            want = chunks[0].deferral if name.startswith("layers.0.") else chunks[1].deferral
+            assert mod.deferral is want, name

@@ -1,0 +1,220 @@
+"""Pipeline-parallel training steps: the trainer's hook (`Run.pipeline`) onto parallel/pipeline.
+
+DeepSeek-V3 (arXiv 2412.19437, section 3.2.1) trains with pipeline x (ZeRO-1) data x expert
+parallelism. With `parallel.pp > 1` every rank builds ONE model holding the blocks of all its
+pipeline stages (`model_stage.build_union_chunks`): parameter names are the single-process
+ones, so ZeRO-1 (`parallel.data_parallel`), DCP checkpoints and the router-bias update work on
+it unchanged; the runtime's chunks are views of it (DualPipeV's two chunks on rank 0 share
+one `embed.weight`). Per step:
+
+1. every pp rank of a dp replica takes the same `train.grad_accum` micro-batches from its
+   stream (same dp rank); the schedule (`parallel.schedule`) runs them through the chunks,
+   each forward piece under the autocast / FP8 context;
+2. parameters held on several pp ranks (the embedding the head stage keeps for MTP, every
+   parameter of DualPipe's two model copies) get their gradients summed over the pp group;
+3. losses (lm / MTP from the head stage, balance losses from every stage) and expert loads
+   are summed over the pp group, so every rank logs and applies the same values.
+
+ZeRO-1's grad norm sums squares over dp and pp; a parameter held by k pp ranks would count k
+times, so `PipelineZeroAdamW` leaves such copies out of the norm on all but the lowest holder.
+
+Legend: N micro-batches per step (= train.grad_accum), E routed experts.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from parallel.data_parallel import ZeroAdamW
+from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
+from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
+from parallel.pipeline.schedules import build_schedule
+from trainer.batch import make_batch
+from trainer.config import ConfigError
+
+
+@dataclass
+class StageInfo:
+    """What a chunk without the head reports per micro-batch."""
+
+    expert_counts: Tensor   # [n_moe_layers, E], rows of other stages zero
+    balance_loss: Tensor    # scalar, detached: this stage's sequence-wise balance losses
+
+
+def _call_steps(chunk, micro: int, x):
+    """A generator form of a chunk without `steps`: it never yields."""
+    return chunk(micro, x)
+    yield  # noqa: unreachable (makes this a generator)
+
+
+def _in_context(gen, make_context):
+    """Drive `gen`, entering `make_context()` around each of its resumptions only, so that the
+    context never leaks into whatever runs while the generator is suspended (the other half of
+    an overlapped F&B pair)."""
+    value = None
+    while True:
+        with make_context():
+            try:
+                item = gen.send(value)
+            except StopIteration as stop:
+                return stop.value
+        value = yield item
+
+
+class TrainChunk:
+    """A runtime chunk around a model chunk: forward under the autocast/FP8 context; a chunk
+    without the head returns `StageInfo` (counts and balance loss) as its info."""
+
+    def __init__(self, inner, make_context):
+        self.inner, self.make_context, self.deferral = inner, make_context, inner.deferral
+
+    def steps(self, micro: int, x):
+        inner = self.inner.steps(micro, x) if hasattr(self.inner, "steps") else _call_steps(self.inner, micro, x)
+        res = yield from _in_context(inner, self.make_context)
+        if res.loss is None:
+            counts = res.info
+            balance = res.aux.detach() if res.aux is not None else counts.new_zeros(())
+            res.info = StageInfo(counts, balance)
+        return res
+
+    def named_parameters(self):
+        return self.inner.named_parameters()
+
+
+class PipelineZeroAdamW(ZeroAdamW):
+    """ZeRO-1 whose grad norm counts a parameter held by several pp ranks once.
+
+    `skip_in_norm`: names this rank holds that a lower pp rank holds too (after
+    `reduce_shared_grads` all copies carry the same total gradient)."""
+
+    def __init__(self, model, topology, *, skip_in_norm: set[str], **kwargs):
+        super().__init__(model, topology, **kwargs)
+        self._norm_masks = []
+        for b in self.buckets:
+            skipped = [(p, off) for name, p, off in b.params if name in skip_in_norm]
+            if not skipped:
+                self._norm_masks.append(None)
+                continue
+            flat = torch.ones(b.numel, dtype=torch.float32, device=b.master.device)
+            for p, off in skipped:
+                flat[off:off + p.numel()] = 0.0
+            self._norm_masks.append(b.my_slice(flat).clone())
+
+    def grad_norm(self) -> float:
+        kept = [b.grad for b in self.buckets]
+        for b, mask in zip(self.buckets, self._norm_masks):
+            if mask is not None:
+                b.grad = b.grad * mask
+        try:
+            return super().grad_norm()
+        finally:
+            for b, g in zip(self.buckets, kept):
+                b.grad = g
+
+
+def held_lower(model, topology) -> set[str]:
+    """Names of `model`'s parameters that a lower pp rank of my pipeline holds as well."""
+    names = sorted(n for n, _ in model.named_parameters())
+    gathered = [None] * topology.pp
+    dist.all_gather_object(gathered, names, group=topology.group("pp"))
+    lower = set().union(*map(set, gathered[:topology.pp_rank]))
+    return {n for n in names if n in lower}
+
+
+class PipelineEngine:
+    """One rank's pipeline: runtime, chunks and the step's metrics (see the module doc)."""
+
+    def __init__(self, cfg, topology, device, model, chunks, batches: list, schedule, pair):
+        self.cfg, self.topology, self.device, self.model, self.batches = cfg, topology, device, model, batches
+        self.runtime = PipelineRuntime(schedule, topology.pp_rank, chunks, group_ranks=topology.ranks("pp"),
+                                       group=topology.group("pp"), device=device, pair=pair)
+
+    def forward_backward(self, run) -> dict:
+        cfg, topo = run.cfg, self.topology
+        self.batches[:] = [make_batch(*run.stream.take(cfg.train.micro_batch_size), self.device)
+                           for _ in range(cfg.train.grad_accum)]
+        self.runtime.run()
+        reduce_shared_grads([self.model], topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))
+        out = self._metrics()
+        self.runtime.infos.clear()
+        self.batches.clear()
+        return out
+
+    def _metrics(self) -> dict:
+        """Losses (means over micro-batches) and expert loads (sums), equal on every pp rank."""
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, lm, mtp, balance
+        counts = torch.zeros(self.model.n_moe_layers, self.cfg.moe.num_experts, device=self.device)
+        for info in self.runtime.infos.values():
+            if isinstance(info, StageInfo):
+                b = info.balance_loss.double()
+                sums += torch.stack([b, b.new_zeros(()), b.new_zeros(()), b])
+            else:
+                sums += torch.stack([info.loss.detach(), info.lm_loss, info.mtp_loss, info.balance_loss]).double()
+            counts += info.expert_counts
+        group = self.topology.group("pp")
+        dist.all_reduce(sums, group=group)
+        if counts.numel():
+            dist.all_reduce(counts, group=group)
+        loss, lm, mtp, balance = (sums / self.runtime.schedule.num_micro).tolist()
+        return {"loss": loss, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "expert_counts": counts}
+
+
+def forward_context(device, autocast_dtype, fp8_context):
+    """() -> context manager for forward pieces: autocast to `autocast_dtype` and FP8 if on."""
+    if autocast_dtype is None and fp8_context is None:
+        return contextlib.nullcontext
+
+    def make():
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None))
+        if fp8_context is not None:
+            stack.enter_context(fp8_context())
+        return stack
+    return make
+
+
+def pipeline_schedule(cfg, topology):
+    name, n = cfg.parallel.schedule, cfg.train.grad_accum
+    try:
+        schedule = build_schedule(name, topology.pp, n)
+    except ValueError as e:
+        raise ConfigError(f"parallel.schedule = {name!r} with parallel.pp = {topology.pp} and "
+                          f"train.grad_accum = {n} (micro-batches per step): {e}") from None
+    if cfg.model.num_layers < schedule.placement.num_stages:
+        raise ConfigError(f"model.num_layers = {cfg.model.num_layers}: {name} at parallel.pp = {topology.pp} "
+                          f"has {schedule.placement.num_stages} stages and needs at least one block each")
+    return schedule
+
+
+def build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, fp8_context):
+    """The `Run` of a pp > 1 rank: union model, chunks, ZeRO-1 and the engine as `run.pipeline`."""
+    from parallel.expert import AllToAllDispatcher, parallelize_experts
+    from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
+    from trainer.loop import Run
+    schedule = pipeline_schedule(cfg, topology)
+    has_w = any(a.op == "W" for acts in schedule.compute for a in acts)
+    # F&B pairs overlap their all-to-alls only when there are some (ep > 1)
+    overlap = topology.ep > 1 and any(a.op == "FB" for acts in schedule.compute for a in acts)
+    batches: list = []
+    model, chunks = build_union_chunks(cfg, schedule, topology.pp_rank, batches, split_w=has_w, provider=provider,
+                                       chunk_cls=OverlapModelChunk if overlap else ModelChunk)
+    model.to(device)
+    dispatcher = None
+    if topology.ep > 1:
+        node_limited = cfg.parallel.node_limited_dispatch
+        dispatcher = (parallelize_experts(model, topology, node_limited=node_limited) if model.moe_modules()
+                      else AllToAllDispatcher(cfg.moe.num_experts, topology, node_limited))
+    o = cfg.optim
+    zero = PipelineZeroAdamW(model, topology, skip_in_norm=held_lower(model, topology), lr=o.lr,
+                             betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                             moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32)
+    make_context = forward_context(device, autocast_dtype, fp8_context)
+    train_chunks = [TrainChunk(c, make_context) for c in chunks]
+    engine = PipelineEngine(cfg, topology, device, model, train_chunks, batches, schedule,
+                            OverlapPairExecutor() if overlap else PairExecutor())
+    return Run(cfg, model, None, stream, device, autocast_dtype, fp8_context, topology=topology, zero=zero,
+               pipeline=engine, dispatcher=dispatcher)
