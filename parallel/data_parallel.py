@@ -174,9 +174,9 @@ class ZeroAdamW:
 
     def grad_norm(self) -> float:
         """Global L2 norm of the averaged gradients: shard norms summed over dp, then over pp."""
-        sq = torch.zeros((), dtype=torch.float64)
-        for b in self.buckets:
-            sq += b.grad.double().square().sum().cpu()
+        sq = torch.zeros((), dtype=torch.float64, device=self.buckets[0].grad.device if self.buckets else "cpu")
+        for b in self.buckets:  # on the gradients' device: NCCL reduces CUDA tensors only
+            sq += b.grad.double().square().sum()
         for kind in ("dp", "pp"):
             if self.topology.size(kind) > 1:
                 dist.all_reduce(sq, group=self.topology.group(kind))

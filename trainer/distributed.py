@@ -56,11 +56,12 @@ def zero_optimizer(model: torch.nn.Module, cfg: Config, topology):
                      grad_clip=o.grad_clip, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32)
 
 
-def all_reduce_mean(values: list[float], topology, kind: str = "dp") -> list[float]:
-    """Mean of a few floats over a group (losses for the log); identity in a world of one."""
+def all_reduce_mean(values: list[float], topology, kind: str = "dp", device=None) -> list[float]:
+    """Mean of a few floats over a group (losses for the log); identity in a world of one.
+    `device` must be the rank's CUDA device under NCCL."""
     if topology.size(kind) == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, group=topology.group(kind))
     return (t / topology.size(kind)).tolist()
 

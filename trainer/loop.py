@@ -139,7 +139,9 @@ def optimizer_step(run: Run, m: dict, lr: float) -> bool:
     if run.zero is None:
         set_lr(run.optimizer, lr)
         params = [p for p in run.model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # summed in float64: fp32 sums of squares over large matrices drift by ~1e-4 relative
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+                                                      for p in params]))
         m["grad_norm"] = float(total)
         if cfg.optim.grad_clip > 0 and math.isfinite(m["grad_norm"]):  # clip after the culprit is known
             torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, total)
@@ -174,13 +176,14 @@ def reduce_metrics(run: Run, m: dict) -> None:
         return
     from parallel.expert import global_expert_counts
     keys = ("loss", "lm_loss", "mtp_loss", "balance_loss")
-    for key, value in zip(keys, dist_run.all_reduce_mean([m[k] for k in keys], run.topology)):
+    for key, value in zip(keys, dist_run.all_reduce_mean([m[k] for k in keys], run.topology, device=run.device)):
         m[key] = value
     if m["expert_counts"] is not None:
         m["expert_counts"] = global_expert_counts(m["expert_counts"], run.topology)
     if run.dispatcher is not None:  # all-to-all traffic of this step, summed over ranks
         stats = run.dispatcher.stats
-        t = torch.tensor([float(stats.cross_node_bytes), float(stats.intra_node_bytes)], dtype=torch.float64)
+        t = torch.tensor([float(stats.cross_node_bytes), float(stats.intra_node_bytes)], dtype=torch.float64,
+                         device=run.device)
         torch.distributed.all_reduce(t)
         m["a2a_cross_node_MB"], m["a2a_intra_node_MB"] = t[0].item() / 2**20, t[1].item() / 2**20
         stats.reset()
@@ -236,7 +239,7 @@ def stop_agreed(run: Run) -> bool:
     """True when any rank got a stop signal (max over the world, so all ranks stop together)."""
     flag = 1.0 if run.stop_requested else 0.0
     if run.topology is not None and run.topology.world_size > 1:
-        t = torch.tensor([flag])
+        t = torch.tensor([flag], device=run.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         flag = t.item()
     if flag and not run.stop_requested:
