@@ -19,3 +19,16 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
     cfg = DataConfig(output_dir=str(out), bundled_mb=0.05, workers=1, valid_fraction=0.1)
     return ensure_prepared(cfg, DedupConfig(), quiet=True), cfg
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: on 2 busy cores, two threads on tiny tensors only
+    spin against each other (measured 5-10x slower). Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

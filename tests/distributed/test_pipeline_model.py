@@ -19,13 +19,7 @@ from trainer.model.transformer import build_model
 NAMES = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the single-process reference runs here; two intra-op threads only contend on tiny tensors
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg():

@@ -14,13 +14,7 @@ from trainer.config import load_config
 N = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: two intra-op threads only spin against each other on a loaded machine (10x)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg():

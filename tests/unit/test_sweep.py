@@ -163,4 +163,4 @@ def test_shipped_sweeps_expand_and_validate():
     s = sw.load_sweep(os.path.join(folder, "balance_ablation.yaml"))
     alphas = {r.overrides["moe.seq_aux_loss_alpha"] for r in sw.expand(s)}
     gammas = {r.overrides["moe.bias_update_speed"] for r in sw.expand(s)}
-    assert 0.0 in alphas and len(alphas) >= 2 and gammas == {0.0, 0.001}
+    assert 0.0 in alphas and len(alphas) >= 2 and {0.0, 0.001} <= gammas  # off and DeepSeek-V3's gamma

@@ -7,19 +7,11 @@ checks live in `trainer.config.Config.validate`. Pure stdlib: no torch here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from data.fields import doc, require  # the one definition, shared by every component config
 
-def doc(default, text: str):
-    """A dataclass field with a help text (rendered into the README's config reference)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
-
-
-def require(ok: bool, name: str, value, why: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} = {value!r}: {why}")
+__all__ = ["AttentionConfig", "MTPConfig", "ModelConfig", "MoEConfig", "doc", "require"]
 
 
 @dataclass(kw_only=True)
