@@ -100,6 +100,16 @@ def test_expert_counts_skip_padding():
     assert counts.tolist() == [1.0, 2.0, 1.0, 0.0]
 
 
+def test_expert_counts_match_bincount_and_trace_without_graph_break():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (300, 4), generator=g)
+    valid = torch.rand(300, generator=g) > 0.3
+    want = torch.bincount(ids[valid].reshape(-1), minlength=16).float()
+    assert torch.equal(expert_counts(ids, 16, valid), want)
+    compiled = torch.compile(expert_counts, fullgraph=True, backend="eager")  # raises on a graph break
+    assert torch.equal(compiled(ids, 16, valid), want)
+
+
 def test_router_bias_stays_fp32_when_model_is_cast():
     from trainer.config import load_config
     from trainer.model.provider import LayerProvider

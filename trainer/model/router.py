@@ -51,10 +51,15 @@ def gate_weights(scores_TE: Tensor, ids_TK: Tensor, normalize: bool, scaling: fl
 
 
 def expert_counts(ids_TK: Tensor, num_experts: int, valid_T: Tensor | None = None) -> Tensor:
-    """Tokens routed to each expert [E] (fp32), counting only valid tokens."""
+    """Tokens routed to each expert [E] (fp32), counting only valid tokens.
+
+    A scatter-add of 0/1 weights rather than indexing out the padding and a bincount: the shape
+    never depends on the data, so there is no host sync on a GPU and no graph break under compile.
+    """
+    ones_TK = torch.ones_like(ids_TK, dtype=torch.float32)
     if valid_T is not None:
-        ids_TK = ids_TK[valid_T]
-    return torch.bincount(ids_TK.reshape(-1), minlength=num_experts).float()
+        ones_TK = ones_TK * valid_T[:, None]
+    return ones_TK.new_zeros(num_experts).scatter_add_(0, ids_TK.reshape(-1), ones_TK.reshape(-1))
 
 
 def seq_balance_loss(scores_BLE: Tensor, ids_BLK: Tensor, valid_BL: Tensor, alpha: float) -> Tensor:
