@@ -195,7 +195,10 @@ def model_step(config_path: str, overrides: list[str], *, fp8: bool, compile_bac
         with amp, (autocast_context(cfg.fp8, backend=backend) if fp8 else torch.autocast(device, enabled=False)):
             fwd(b).loss.backward()
     secs = _try(step, device, warmup=2, iters=steps)
-    del model, fwd
+    del model, fwd, b
+    torch._dynamo.reset()  # drop compiled graphs (and the weights they hold) before the next model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return {"backend": backend or "-", "s_per_step": secs, "tokens_per_s": B * L / secs if secs else 0.0,
             "flops_per_token": flops_per_token(cfg, seq_len=L)}
 
