@@ -23,9 +23,10 @@ import torch  # noqa: E402
 from parallel.config import ParallelConfig  # noqa: E402
 from parallel.expert import parallelize_experts  # noqa: E402
 from parallel.topology import Topology  # noqa: E402
-from trainer.model.config import MoEConfig  # noqa: E402
-from trainer.model.moe import LocalDispatcher, MoE  # noqa: E402
-from trainer.model.provider import LayerProvider  # noqa: E402
+from model.config import MoEConfig  # noqa: E402
+from model.experts import LocalDispatcher
+from model.moe import MoE  # noqa: E402
+from model.provider import LayerProvider  # noqa: E402
 
 HIDDEN, EXPERTS, GROUPS, TOPK = 256, 64, 8, 8
 

@@ -175,10 +175,10 @@ def model_step(config_path: str, overrides: list[str], *, fp8: bool, compile_bac
     """Seconds per forward+backward, tokens/s and model FLOPs/token of the config's model."""
     import numpy as np
     from parallel.fp8 import autocast_context, make_provider, select_backend
-    from trainer.batch import make_batch
+    from model.batch import make_batch
     from trainer.config import load_config
     from trainer.flops import flops_per_token
-    from trainer.model.transformer import build_model
+    from model.transformer import build_model
 
     cfg = load_config(config_path, overrides + [f"fp8.enabled={'true' if fp8 else 'false'}"])
     backend = select_backend(cfg.fp8).backend if fp8 else None

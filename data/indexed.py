@@ -51,7 +51,7 @@ class IndexedDataError(ValueError):
 
 def _fail(path: str, why: str):
     raise IndexedDataError(f"{path}: {why}; the file is truncated or not a prepared dataset "
-                           "(run python -m data.prepare again)")
+                           "(run python -m trainer.prepare again)")
 
 
 def _read_idx(prefix: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
@@ -151,7 +151,7 @@ class IndexedReader:
 
     def __init__(self, prefix: str):
         if not os.path.isfile(prefix + ".idx"):
-            raise FileNotFoundError(f"no indexed dataset at {prefix}.idx/.bin; run python -m data.prepare")
+            raise FileNotFoundError(f"no indexed dataset at {prefix}.idx/.bin; run python -m trainer.prepare")
         self.prefix = prefix
         validate(prefix)
         self.dataset = _megatron().IndexedDataset(prefix)

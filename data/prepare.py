@@ -1,4 +1,4 @@
-"""`python -m data.prepare CONFIG [--set data.key=value ...]`: build the packed training data.
+"""The data pipeline behind `python -m trainer.prepare CONFIG`: build the packed training data.
 
 read -> normalise -> exact dedup -> near dedup -> tokenize -> pack -> write (issue 3; DeepSeek-V3
 report section 4.1 for cross-dump dedup and document packing). CONFIG is the training YAML;
@@ -16,12 +16,10 @@ seed, so the bytes written are identical for any `data.workers`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fcntl
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import sys
@@ -251,29 +249,3 @@ def ensure_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = 
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return data_cfg.output_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError, load_config
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=None,
-                        help="training YAML (its data: and dedup: sections are used); none = defaults")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="dotted overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(args.config, args.set)
-        data_cfg = dataclasses.replace(cfg.data, output_dir=prepared_dir(cfg.data, cfg.dedup))
-        report = prepare(data_cfg, cfg.dedup)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary_text(report))
-    print(f"\nwrote {data_cfg.output_dir} (report: {os.path.join(data_cfg.output_dir, 'report.json')}) "
-          f"in {report['seconds']:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Progress lines per stage and the end-of-run summary tables of `python -m data.prepare`.
+"""Progress lines per stage and the end-of-run summary tables of `python -m trainer.prepare`.
 
 `StageTimer` records, per stage, documents in/out, MB of text handled and seconds, and shows
 a progress line on stderr while the stage runs (redrawn in place on a terminal, one final line

@@ -32,7 +32,7 @@ def read_meta(output_dir: str) -> dict:
     path = os.path.join(output_dir, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{output_dir}: not a prepared dataset (no meta.json); "
-                                "run python -m data.prepare CONFIG")
+                                "run python -m trainer.prepare CONFIG")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

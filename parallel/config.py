@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.model.config import doc, require
+from model.config import doc, require
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 

@@ -6,7 +6,7 @@ master copy and AdamW moments. Per step:
   1. gradients are reduce-scattered in buckets (flat fp32 buffers, issued asynchronously), so each
      rank receives the summed gradient of its shard only;
   2. the global gradient norm is the sum of every rank's shard norms, clipping scales all shards;
-  3. each rank runs AdamW (`trainer.optim.adamw_update_`, the single-process arithmetic) on its
+  3. each rank runs AdamW (`parallel.adamw.adamw_update_`, the single-process arithmetic) on its
      shard, then the shards are all-gathered back into the parameters.
 Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
 only over the expert-data-parallel group (edp = dp / ep). Both are divided by dp: an expert's
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel.expert import expert_shards
-from trainer.optim import adamw_update_
+from parallel.adamw import adamw_update_
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ZeroAdamW:
             if not p.requires_grad:
                 continue
             kind = "edp" if name in experts else "dp"
-            wd = weight_decay if p.ndim >= 2 else 0.0   # same rule as trainer.optim.param_groups
+            wd = weight_decay if p.ndim >= 2 else 0.0   # same rule as parallel.adamw.param_groups
             spaces.setdefault((kind, wd), []).append((name, p))
         cap = max(1, int(bucket_mb * 2 ** 20 / 4))
         self.buckets: list[_Bucket] = []

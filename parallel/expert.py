@@ -179,7 +179,7 @@ class AllToAllDispatcher:
 
 
 def _moe_modules(model: nn.Module):
-    from trainer.model.moe import MoE  # the model layer sits below parallel/: import is downward
+    from model.moe import MoE  # the model layer sits below parallel/: import is downward
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 

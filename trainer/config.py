@@ -23,7 +23,7 @@ from data.config import DataConfig
 from data.dedup.config import DedupConfig
 from parallel.config import ParallelConfig
 from parallel.fp8.config import FP8Config
-from trainer.model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
+from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
 
 
 class ConfigError(ValueError):

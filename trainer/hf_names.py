@@ -9,7 +9,7 @@ of `embed_tokens`. `BLOCK` below is the single table of per-block names; `TOP` a
 hold the rest. Both directions read the same rows:
 
 - Routed experts: we keep one stacked tensor per projection ([E, F, D], see
-  `trainer.model.provider.GroupedExperts`); HF stores one 2-D weight per expert.
+  `model.provider.GroupedExperts`); HF stores one 2-D weight per expert.
 - MTP input projection: the paper (eq. 21) and this project concatenate [RMSNorm(h); RMSNorm(emb)],
   the released weights and every inference engine use [enorm(emb); hnorm(h)], so `eh_proj`'s two
   column halves are swapped on the way out and back.

@@ -67,7 +67,7 @@ def read_safetensors(hf_dir: str) -> dict:
 
 def import_state(hf_dir: str, config: str | None = None, overrides: list[str] | None = None):
     """(cfg, model state dict) from an HF directory; shapes and dtypes checked against our model."""
-    from trainer.model.transformer import build_model
+    from model.transformer import build_model
     arch = overrides_from_hf(read_hf_config(hf_dir))
     cfg = load_config(config, list(overrides or []) + arch)
     with torch.device("meta"):

@@ -15,7 +15,7 @@ import torch
 
 from trainer.config import ConfigError, load_config
 from trainer.flops import flops_per_token, param_counts
-from trainer.model.transformer import build_model
+from model.transformer import build_model
 
 _BLOCK_PARTS = ((".attn.", "attention"), ("_norm.", "norms"), (".ffn.router.", "router"),
                 (".ffn.shared.", "moe_shared"), (".ffn.experts.", "moe_routed"), (".ffn.", "dense_ffn"))

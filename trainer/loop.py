@@ -20,12 +20,13 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_run
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import Config, ConfigError, dump_yaml
 from trainer.flops import flops_per_token
 from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
-from trainer.model.transformer import build_model
-from trainer.optim import build_optimizer, lr_at, set_lr
+from model.transformer import build_model
+from parallel.adamw import build_optimizer
+from trainer.schedule import lr_at, set_lr
 
 log = logging.getLogger("moepipe")
 

@@ -33,7 +33,7 @@ from parallel.data_parallel import ZeroAdamW
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import ConfigError
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.fields import doc as _doc
-from data.fields import require as _require
+from config_fields import doc as _doc
+from config_fields import require as _require
 
 
 @dataclass(kw_only=True)
 class DedupConfig:
-    """Cross-dump deduplication run by `python -m data.prepare` (earliest dump's copy is kept)."""
+    """Cross-dump deduplication run by `python -m trainer.prepare` (earliest dump's copy is kept)."""
 
     exact: bool = _doc(True, "Drop documents whose normalised text hashes (xxh3_128) equal an earlier one.")
     near: bool = _doc(True, "Drop near-duplicates found by MinHash LSH and verified by estimated Jaccard.")

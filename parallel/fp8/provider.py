@@ -8,7 +8,7 @@ keeps the embedding, output head, MoE gating, normalisation and attention core i
 >= num_layers are MTP blocks and follow the "mtp" entry. Master weights stay in the parameters'
 own dtype (FP32); only the GEMM operands are quantized.
 
-The provider subclasses the model's `trainer.model.provider.LayerProvider` (the seam:
+The provider subclasses the model's `model.provider.LayerProvider` (the seam:
 linear(in, out, kind=, layer=) and grouped_experts(E, D, F, layer=)), so the
 model never imports an FP8 library. `autocast_context` is what the training step enters around
 forward and backward (te.autocast for TE, nothing for the other backends).
@@ -29,7 +29,8 @@ from parallel.fp8.config import COMPONENT_KINDS
 from parallel.fp8.emulate import EmulatedFP8Linear, emulated_linear, spec_from_config
 from parallel.fp8.select import select_backend
 from parallel.fp8.torch_native import ScaledMMLinear, check_shape, scaled_mm_linear
-from trainer.model.provider import GroupedExperts, LayerProvider
+from model.experts import GroupedExperts
+from model.provider import LayerProvider
 
 
 def in_fp8(cfg, num_layers: int, kind: str, layer: int | None) -> bool:

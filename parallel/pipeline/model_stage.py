@@ -1,10 +1,10 @@
-"""Pipeline chunks of the DeepSeek-V3 model (trainer.model) for the runtime.
+"""Pipeline chunks of the DeepSeek-V3 model (model) for the runtime.
 
 A stage is the same `DeepSeekV3` class built with a slice of the blocks (`build_model(cfg,
 layers=..., embed=..., head=...)`); parameter names equal the full model's, so shared copies
 (DualPipe's second copy, the embedding the head stage keeps for MTP) are found by name by
 `runtime.reduce_shared_grads`. Each chunk builds its own per-micro-batch context; a middle
-stage back-propagates its MoE balance losses as the chunk's `aux` (trainer.model.context) and
+stage back-propagates its MoE balance losses as the chunk's `aux` (model.context) and
 reports its expert counts, which the caller sums with the head stage's for the bias update.
 
 Two ways to build a rank's chunks: `build_model_chunks` gives every chunk its own stage model;
@@ -17,8 +17,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from parallel.expert import parallelize_experts
-from trainer.model.provider import LINEAR_KINDS, LayerProvider
-from trainer.model.transformer import build_model
+from model.provider import LINEAR_KINDS, LayerProvider
+from model.transformer import build_model
 
 from .runtime import ChunkOutput
 from .schedules import Schedule

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from trainer.model.provider import LINEAR_KINDS, LayerProvider
+from model.provider import LINEAR_KINDS, LayerProvider
 
 
 class WeightGradDeferral:

@@ -10,9 +10,9 @@ from parallel.data_parallel import ZeroAdamW
 from parallel.expert import expert_shards, parallelize_experts
 from parallel.topology import Topology
 from tests.distributed.spawn import run_ranks
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import Config
-from trainer.model.transformer import build_model
+from model.transformer import build_model
 
 
 def _cfg(seed):

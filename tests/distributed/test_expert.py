@@ -15,8 +15,10 @@ from parallel.expert import AllToAllDispatcher, parallelize_experts
 from parallel.topology import Topology
 from tests.distributed.spawn import run_ranks
 from trainer.config import Config
-from trainer.model.moe import LocalDispatcher, MoE
-from trainer.model.provider import GroupedExperts, LayerProvider
+from model.experts import LocalDispatcher
+from model.moe import MoE
+from model.experts import GroupedExperts
+from model.provider import LayerProvider
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 E, D, F, K, T = 8, 16, 12, 3, 24

@@ -12,9 +12,9 @@ from parallel.pipeline.model_stage import build_model_chunks
 from parallel.pipeline.runtime import PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
 from tests.distributed.spawn import run_ranks
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import load_config
-from trainer.model.transformer import build_model
+from model.transformer import build_model
 
 NAMES = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
 

@@ -10,7 +10,7 @@ from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shar
 from parallel.pipeline.schedules import build_schedule
 from parallel.topology import Topology
 from tests.distributed.spawn import run_ranks
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import load_config
 
 N = 4

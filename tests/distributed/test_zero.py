@@ -16,10 +16,10 @@ from parallel.data_parallel import ZeroAdamW
 from parallel.expert import expert_shards, global_expert_counts, parallelize_experts
 from parallel.topology import Topology
 from tests.distributed.spawn import run_ranks
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import Config
-from trainer.model.transformer import build_model
-from trainer.optim import param_groups
+from model.transformer import build_model
+from parallel.adamw import param_groups
 
 STEPS, LR, WD, CLIP = 3, 1e-3, 0.1, 0.5
 

@@ -24,7 +24,7 @@ def _cfg():
 
 
 def _batch(rank, step, cfg, L=32):
-    from trainer.batch import make_batch
+    from model.batch import make_batch
     g = torch.Generator().manual_seed(1000 * step + rank)
     return make_batch(torch.randint(0, cfg.model.vocab_size, (2, L), generator=g), [[L], [L // 2, L // 2]])
 
@@ -34,8 +34,8 @@ def _train(rank, world, zero: bool) -> list[float]:
     from parallel.data_parallel import ZeroAdamW, average_gradients
     from parallel.expert import global_expert_counts
     from parallel.topology import Topology
-    from trainer.model.transformer import build_model
-    from trainer.optim import AdamW, param_groups
+    from model.transformer import build_model
+    from parallel.adamw import AdamW, param_groups
 
     cfg = _cfg()
     topo = Topology.from_config(ParallelConfig(), world_size=world, rank=rank)
@@ -82,7 +82,7 @@ def _overlap_vs_after(rank, world):
     from parallel.data_parallel import ZeroAdamW
     from parallel.expert import parallelize_experts
     from parallel.topology import Topology
-    from trainer.model.transformer import build_model
+    from model.transformer import build_model
 
     cfg = _cfg()
     topo = Topology.from_config(ParallelConfig(ep=2), world_size=world, rank=rank, num_experts=cfg.moe.num_experts)

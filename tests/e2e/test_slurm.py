@@ -152,7 +152,7 @@ def test_sweep_job_array(cluster, tmp_path):
 # -- the real trainer ------------------------------------------------------------------------------
 
 def _trainer_missing() -> str | None:
-    for mod in ("data.prepare", "data.stream", "trainer.flops", "trainer.model.transformer"):
+    for mod in ("data.prepare", "data.stream", "trainer.flops", "model.transformer"):
         try:
             if importlib.util.find_spec(mod) is None:
                 return f"{mod} does not exist yet"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from trainer.batch import IGNORE, make_batch, mtp_labels
+from model.batch import IGNORE, make_batch, mtp_labels
 
 X = IGNORE
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import dump_yaml, load_config
 from trainer.export import export, read_model_state
 from trainer.export import main as export_main
 from trainer.import_hf import import_state
 from trainer.import_hf import main as import_main
-from trainer.model.mtp import shift_tokens
-from trainer.model.transformer import build_model
+from model.mtp import shift_tokens
+from model.transformer import build_model
 
 TINY = ["model.vocab_size=96", "model.hidden_size=32", "model.num_layers=3", "model.first_k_dense=1",
         "model.dense_ffn_size=48", "model.max_seq_len=32", "model.init_std=0.1", "attention.num_heads=2",

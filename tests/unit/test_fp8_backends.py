@@ -13,7 +13,8 @@ from parallel.fp8 import te as te_backend
 from parallel.fp8.config import FP8Config
 from parallel.fp8.select import torch_probe
 from parallel.fp8.torch_native import ScaledMMLinear, scaled_mm_linear
-from trainer.model.provider import GroupedExperts, LayerProvider
+from model.experts import GroupedExperts
+from model.provider import LayerProvider
 
 H100 = lambda: ((9, 0), "12.9")  # noqa: E731
 A100 = lambda: ((8, 0), "12.4")  # noqa: E731

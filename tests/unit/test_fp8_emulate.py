@@ -7,7 +7,7 @@ from parallel.fp8.config import FP8Config
 from parallel.fp8.emulate import EmulationSpec, emulated_linear
 from parallel.fp8.provider import FP8GroupedExperts
 from parallel.fp8.quant import accumulate_gemm, fake_quantize
-from trainer.model.provider import GroupedExperts
+from model.experts import GroupedExperts
 
 SPEC = EmulationSpec()
 
@@ -136,8 +136,8 @@ def test_config_rejects_bad_fields():
 
 def test_tiny_model_builds_and_trains_a_step_in_emulated_fp8():
     from trainer.config import load_config
-    from trainer.model.transformer import build_model
-    from trainer.batch import make_batch
+    from model.transformer import build_model
+    from model.batch import make_batch
     import numpy as np
 
     over = ["model.hidden_size=128", "model.vocab_size=512", "model.num_layers=2", "model.dense_ffn_size=256",

@@ -7,7 +7,7 @@ import torch
 from trainer.config import load_config
 from trainer.flops import attention_context, component_counts, flops_per_token, param_counts
 from trainer.inspect import count_model, main
-from trainer.model.transformer import build_model
+from model.transformer import build_model
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import load_config
-from trainer.model.attention import MLA
-from trainer.model.context import make_context
-from trainer.model.layers import rope_tables
-from trainer.model.provider import LayerProvider
-from trainer.model.transformer import build_model
+from model.attention import MLA
+from model.context import make_context
+from model.layers import rope_tables
+from model.provider import LayerProvider
+from model.transformer import build_model
 
 
 def _cfg(**att):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import ConfigError, load_config
-from trainer.model.transformer import build_model
+from model.transformer import build_model
 
 
 def _cfg(*sets):

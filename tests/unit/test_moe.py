@@ -3,11 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import load_config
-from trainer.model.context import make_context
-from trainer.batch import make_batch
-from trainer.model.layers import rope_tables
-from trainer.model.moe import LocalDispatcher, MoE
-from trainer.model.provider import GroupedExperts, LayerProvider
+from model.context import make_context
+from model.batch import make_batch
+from model.layers import rope_tables
+from model.experts import LocalDispatcher
+from model.moe import MoE
+from model.experts import GroupedExperts
+from model.provider import LayerProvider
 
 
 def _experts(E=4, D=8, Fd=6, seed=0):

@@ -2,10 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from trainer.batch import IGNORE, make_batch, mtp_labels
+from model.batch import IGNORE, make_batch, mtp_labels
 from trainer.config import load_config
-from trainer.model.mtp import shift_tokens
-from trainer.model.transformer import build_model
+from model.mtp import shift_tokens
+from model.transformer import build_model
 
 
 def _model(depth):

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from trainer.model.router import (affinities, expert_counts, gate_weights, group_limited_topk,
+from model.router import (affinities, expert_counts, gate_weights, group_limited_topk,
                                   seq_balance_loss, update_bias)
 
 
@@ -112,8 +112,8 @@ def test_expert_counts_match_bincount_and_trace_without_graph_break():
 
 def test_router_bias_stays_fp32_when_model_is_cast():
     from trainer.config import load_config
-    from trainer.model.provider import LayerProvider
-    from trainer.model.router import Router
+    from model.provider import LayerProvider
+    from model.router import Router
     cfg = load_config(None, [])
     r = Router(LayerProvider(), 16, cfg.moe, layer=1).to(torch.bfloat16)
     assert r.gate.weight.dtype == torch.bfloat16 and r.bias.dtype == torch.float32

@@ -8,7 +8,7 @@ from parallel.pipeline.model_stage import build_model_chunks
 from parallel.pipeline.overlap import OverlapModelChunk, Tape
 from parallel.pipeline.runtime import PipelineRuntime
 from parallel.pipeline.schedules import build_schedule
-from trainer.batch import make_batch
+from model.batch import make_batch
 from trainer.config import load_config
 
 N = 2

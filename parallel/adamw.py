@@ -1,20 +1,15 @@
-"""AdamW with fp32 master weights and optional bf16 moments, and the learning-rate schedules.
+"""AdamW with fp32 master weights and optional bf16 moments (DeepSeek-V3 section 3.3.3).
 
 `adamw_update_` is the decoupled-weight-decay Adam update (Loshchilov & Hutter) written as one
 functional step, so the single-process optimizer here and the ZeRO-1 sharded optimizer in
-`parallel/` share the exact same arithmetic. Moments may be kept in bf16 (DeepSeek-V3 section
-3.3.3); the update itself is always computed in fp32.
-
-Schedules (`lr_at`): `cosine` = linear warmup then cosine decay to min_lr; `wsd` = DeepSeek-V3's
-warmup / constant / cosine-decay (report section 4.2: 2K warmup steps, constant, then cosine).
+`parallel/data_parallel.py` share the exact same arithmetic. Moments may be kept in bf16; the
+update itself is always computed in fp32.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from trainer.config import OptimConfig, ScheduleConfig
 
 
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -68,25 +63,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> AdamW:
+    """AdamW from an `optim:` config section (lr, betas, eps, weight decay, bf16 moments)."""
     moment_dtype = torch.bfloat16 if cfg.bf16_moments else torch.float32
     return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                  eps=cfg.eps, moment_dtype=moment_dtype)
-
-
-def lr_at(step: int, optim: OptimConfig, sched: ScheduleConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based). Pure function of its arguments."""
-    if sched.warmup_steps and step < sched.warmup_steps:
-        return optim.lr * (step + 1) / sched.warmup_steps
-    hold = sched.constant_steps if sched.kind == "wsd" else 0
-    start = sched.warmup_steps + hold
-    if step < start:
-        return optim.lr
-    decay = sched.decay_steps or max(total_steps - start, 1)
-    progress = min((step - start) / decay, 1.0)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from trainer.model.attention import MLA
-from trainer.model.layers import RMSNorm, SwiGLU
-from trainer.model.moe import MoE
+from model.attention import MLA
+from model.layers import RMSNorm, SwiGLU
+from model.moe import MoE
 
 
 class Block(nn.Module):

@@ -1,6 +1,6 @@
 """Per-forward context shared by all blocks of one micro-batch.
 
-A packed row holds several documents (see `trainer.batch`). Every block needs the same
+A packed row holds several documents (see `model.batch`). Every block needs the same
 per-token facts: positions that restart at each document (for RoPE), the boolean attention
 mask "causal and same document" (DeepSeek-V3 trains on packed sequences without cross-document
 attention), and which tokens are padding. MoE layers also report into the context: tokens

@@ -1,4 +1,4 @@
-"""Field helpers for the data layer's config dataclasses (pure stdlib, no imports from above).
+"""Config field helpers shared by every component config (model, data, parallel, fp8): pure stdlib, a leaf.
 
 `doc(default, text)` makes a field with a help text (rendered into the README's config reference);
 `require(ok, name, value, why)` raises `ValueError("name = value: why")`, which the loader in

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.model.layers import RMSNorm, apply_rope
+from model.layers import RMSNorm, apply_rope
 
 
 class MLA(nn.Module):

@@ -7,7 +7,7 @@ runs one transformer block, then a final RMSNorm and the output head shared with
 model predict token i+k+1. Embedding and head are shared (not owned here). As in the released
 DeepSeek-V3 (its layer 61), the block's FFN is MoE when the main model has MoE layers.
 The loss is lambda * mean over depths of the cross-entropies; targets that leave the
-document are masked (`trainer.batch.mtp_labels`).
+document are masked (`model.batch.mtp_labels`).
 
 Legend: B batch, L sequence, D hidden.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainer.model.block import Block
-from trainer.model.layers import RMSNorm
+from model.block import Block
+from model.layers import RMSNorm
 
 
 class MTPModule(nn.Module):

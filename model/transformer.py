@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.batch import IGNORE, mtp_labels
-from trainer.model.block import Block
-from trainer.model.context import Context, make_context
-from trainer.model.init import init_weights
-from trainer.model.layers import RMSNorm, rope_tables
-from trainer.model.moe import LocalDispatcher, MoE
-from trainer.model.mtp import MTPModule, shift_tokens
-from trainer.model.provider import LayerProvider
-from trainer.model.router import update_bias
+from model.batch import IGNORE, mtp_labels
+from model.block import Block
+from model.context import Context, make_context
+from model.init import init_weights
+from model.layers import RMSNorm, rope_tables
+from model.experts import LocalDispatcher
+from model.moe import MoE
+from model.mtp import MTPModule, shift_tokens
+from model.provider import LayerProvider
+from model.router import update_bias
 
 
 @dataclass

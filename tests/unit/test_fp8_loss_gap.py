@@ -1,9 +1,12 @@
-"""The BF16-vs-FP8 loss comparison harness (parallel/fp8/compare.py), on a few steps of a micro model."""
+"""The BF16-vs-FP8 loss comparison harness (benchmarks/fp8_loss_gap.py), on a few steps of a micro model."""
 import math
+import os
+import sys
 
 import torch
 
-from parallel.fp8.compare import fp8_vs_bf16_loss_gap, synthetic_batches
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from fp8_loss_gap import fp8_vs_bf16_loss_gap, synthetic_batches  # noqa: E402
 
 MICRO = ["model.hidden_size=128", "model.vocab_size=256", "model.num_layers=2", "model.dense_ffn_size=128",
          "moe.expert_ffn_size=128", "fp8.backend=emulate"]

@@ -4,43 +4,18 @@ h' = u + sum_shared FFN_s(u) + sum_{i in topK} g_i FFN_i(u). The shared experts 
 one SwiGLU of size num_shared_experts * expert_ffn_size. Routed experts run through two seams:
 a Dispatcher moves token copies to their experts (sorted, one contiguous slice per local
 expert) and back, and the provider's GroupedExperts computes them. `LocalDispatcher` is the
-single-rank dispatcher: a stable sort of the (token, slot) pairs by expert, no token dropped;
-the expert-parallel all-to-all dispatcher lives in `parallel/`. The layer also records expert
+single-rank dispatcher (`model/experts.py`); the expert-parallel all-to-all dispatcher lives
+in `parallel/`. The layer also records expert
 loads and the sequence-wise balance loss into the forward context.
 
 Legend: B batch, L sequence, D hidden, T = B*L tokens, K experts per token, E experts, S = T*K rows.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from trainer.model.layers import SwiGLU
-from trainer.model.router import Router, expert_counts, seq_balance_loss
-
-
-class LocalDispatcher:
-    """Dispatcher for one rank holding all experts: a permutation, gradients flow to x and weights."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts
-        self.expert_offset = 0
-
-    def dispatch(self, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor):
-        T, K = topk_ids_TK.shape
-        flat_ids_S = topk_ids_TK.reshape(-1)
-        order_S = torch.argsort(flat_ids_S, stable=True)
-        token_S = order_S // K
-        counts = torch.bincount(flat_ids_S, minlength=self.num_experts).tolist()
-        state = (order_S, token_S, topk_weights_TK, T)
-        return x_TD[token_S], counts, state
-
-    def combine(self, y_SD: Tensor, state) -> Tensor:
-        order_S, token_S, weights_TK, T = state
-        w_S = weights_TK.reshape(-1)[order_S].to(y_SD.dtype)
-        out = y_SD.new_zeros(T, y_SD.shape[-1])
-        return out.index_add(0, token_S, y_SD * w_S[:, None])
+from model.layers import SwiGLU
+from model.router import Router, expert_counts, seq_balance_loss
 
 
 class MoE(nn.Module):

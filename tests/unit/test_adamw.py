@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.optim import AdamW, lr_at
+from parallel.adamw import AdamW
+from trainer.schedule import lr_at
 
 
 def test_adamw_matches_torch_bit_for_bit():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.fields import doc, require  # the one definition, shared by every component config
+from config_fields import doc, require  # the one definition, shared by every component config
 
 __all__ = ["AttentionConfig", "MTPConfig", "ModelConfig", "MoEConfig", "doc", "require"]
 

@@ -13,8 +13,8 @@ import zlib
 import torch
 from torch import nn
 
-from trainer.model.layers import RMSNorm
-from trainer.model.provider import GroupedExperts
+from model.layers import RMSNorm
+from model.experts import GroupedExperts
 
 
 def _generator(seed: int, key: str, device) -> torch.Generator:

@@ -1,4 +1,6 @@
-"""BF16 vs FP8 training-loss comparison (issue 6; DeepSeek-V3 report section 3.3 / appendix B.1).
+"""BF16 vs FP8 training-loss comparison (DeepSeek-V3 report section 3.3 and appendix B.1).
+
+`python benchmarks/fp8_loss_gap.py [--steps 200] [--set fp8.backend=emulate ...]` prints one table.
 
 DeepSeek-V3 validated its FP8 recipe by training the same model in BF16 and in FP8 and reporting
 the relative loss error (below 0.25% at 16B and 230B). `fp8_vs_bf16_loss_gap` does the same at
@@ -9,6 +11,8 @@ probability `p_follow`, else uniform), so there is something to learn and the lo
 below log(vocab) within a few hundred steps.
 """
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
@@ -33,9 +37,9 @@ def synthetic_batches(vocab: int, batch: int, seq_len: int, steps: int, *, p_fol
 
 def train_losses(cfg, steps: int, batch: int, seq_len: int, seed: int = 0) -> list[float]:
     """Per-step training loss of `cfg`'s model (BF16 or FP8 per cfg.fp8) on the synthetic stream."""
-    from trainer.batch import make_batch
-    from trainer.model.transformer import build_model
-    from trainer.optim import build_optimizer
+    from model.batch import make_batch
+    from model.transformer import build_model
+    from parallel.adamw import build_optimizer
 
     model = build_model(cfg, provider=make_provider(cfg.fp8, cfg.model.num_layers))
     opt = build_optimizer(model, cfg.optim)
@@ -67,3 +71,19 @@ def fp8_vs_bf16_loss_gap(config_path: str = "configs/tiny.yaml", overrides: list
     result["bf16_tail"], result["fp8_tail"] = ref, got
     result["rel_gap"] = abs(got - ref) / ref
     return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="BF16 vs FP8 loss gap on the tiny model")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args()
+    r = fp8_vs_bf16_loss_gap(args.config, args.set, steps=args.steps)
+    print("| run | mean lm loss, last 20 steps |\n|---|---|")
+    print(f"| BF16 | {r['bf16_tail']:.4f} |\n| FP8 | {r['fp8_tail']:.4f} |")
+    print(f"relative gap: {100 * r['rel_gap']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
