@@ -135,7 +135,8 @@ def _delayed_all_to_all(delay_s: float) -> list[float]:
 
 def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     from parallel.config import ParallelConfig
-    from parallel.pipeline.model_stage import ModelChunk, build_model_chunks
+    from parallel.expert import parallelize_experts
+    from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
     from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
     from parallel.pipeline.runtime import PairExecutor
     from parallel.topology import Topology
@@ -150,8 +151,9 @@ def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     g = torch.Generator().manual_seed(topo.dp_rank)
     batches = [make_batch(torch.randint(0, 256, (4, 64), generator=g), [[64]] * 4) for _ in range(n)]
     s = build_schedule("dualpipev", topo.pp, n)
-    chunks = build_model_chunks(cfg, s, topo.pp_rank, batches, split_w=True, topology=topo,
-                                chunk_cls=OverlapModelChunk if overlap else ModelChunk)
+    model, chunks = build_union_chunks(cfg, s, topo.pp_rank, batches, split_w=True,
+                                       chunk_cls=OverlapModelChunk if overlap else ModelChunk)
+    parallelize_experts(model, topo)
     pair = OverlapPairExecutor() if overlap else PairExecutor()
     rt = PipelineRuntime(s, topo.pp_rank, chunks, group_ranks=topo.ranks("pp"), pair=pair)
     times, cpu, waits = [], [], []

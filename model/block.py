@@ -3,6 +3,10 @@
 The FFN is a dense SwiGLU for the first `first_k_dense` blocks and a DeepSeekMoE layer after.
 The same class is used by the main model and by the MTP modules (DeepSeek-V3 section 2.2).
 
+Steps for a pipeline that interleaves micro-batches (DeepSeek-V3 section 3.2.1): `attention`
+returns the residual stream after attention and the FFN's input; an MoE block's FFN then runs
+as the steps of `model.moe.MoE`; `forward` is `attention`, the FFN and the residual add.
+
 Legend: B batch, L sequence, D hidden.
 """
 from __future__ import annotations
@@ -32,6 +36,10 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoE)
 
     def forward(self, h_BLD: Tensor, ctx) -> Tensor:
+        h_BLD, x_BLD = self.attention(h_BLD, ctx)
+        return h_BLD + (self.ffn(x_BLD, ctx) if self.is_moe else self.ffn(x_BLD))
+
+    def attention(self, h_BLD: Tensor, ctx) -> tuple[Tensor, Tensor]:
+        """The attention step: h + MLA(RMSNorm(h)), and the FFN's input RMSNorm of that."""
         h_BLD = h_BLD + self.attn(self.attn_norm(h_BLD), ctx)
-        x = self.ffn_norm(h_BLD)
-        return h_BLD + (self.ffn(x, ctx) if self.is_moe else self.ffn(x))
+        return h_BLD, self.ffn_norm(h_BLD)

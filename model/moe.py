@@ -5,17 +5,37 @@ one SwiGLU of size num_shared_experts * expert_ffn_size. Routed experts run thro
 a Dispatcher moves token copies to their experts (sorted, one contiguous slice per local
 expert) and back, and the provider's GroupedExperts computes them. `LocalDispatcher` is the
 single-rank dispatcher (`model/experts.py`); the expert-parallel all-to-all dispatcher lives
-in `parallel/`. The layer also records expert
-loads and the sequence-wise balance loss into the forward context.
+in `parallel/`. The layer also records expert loads and the sequence-wise balance loss into
+the forward context.
+
+The layer hands out its steps so that a pipeline can interleave two micro-batches (DeepSeek-V3
+section 3.2.1, Figure 4: attention, dispatch, MLP, combine): `route` (the router, the end of the
+attention step), the dispatcher's `dispatch`, `expert_mlp` and `shared_mlp` (the MLP step), the
+dispatcher's `combine`, then `output`; `record` does the bookkeeping. `forward` runs them in
+sequence.
 
 Legend: B batch, L sequence, D hidden, T = B*L tokens, K experts per token, E experts, S = T*K rows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from model.layers import SwiGLU
 from model.router import Router, expert_counts, seq_balance_loss
+
+
+@dataclass
+class Routing:
+    """The router's choice for the tokens of one micro-batch (what the dispatch step consumes)."""
+
+    x_TD: Tensor          # the FFN input, one row per token
+    ids_TK: Tensor        # chosen experts
+    weights_TK: Tensor    # their gates
+    scores_TE: Tensor     # affinities (for the balance loss)
+    shape: tuple          # (B, L, D) of the FFN input
+    dtype: object         # dtype of the FFN input (the layer's output dtype)
 
 
 class MoE(nn.Module):
@@ -38,20 +58,45 @@ class MoE(nn.Module):
     def dispatcher(self):
         return self._dispatcher[0]
 
+    def set_dispatcher(self, dispatcher) -> None:
+        """Install another dispatcher (e.g. the expert-parallel one once the experts are sharded)."""
+        self._dispatcher[0] = dispatcher
+
     def forward(self, x_BLD: Tensor, ctx) -> Tensor:
+        r = self.route(x_BLD)
+        x_SD, counts, state = self.dispatcher.dispatch(r.x_TD, r.ids_TK, r.weights_TK)
+        y_TD = self.dispatcher.combine(self.expert_mlp(x_SD, counts), state)
+        out = self.output(y_TD, self.shared_mlp(r.x_TD), r)
+        self.record(ctx, r)
+        return out
+
+    def route(self, x_BLD: Tensor) -> Routing:
+        """The router's top-K experts and gates for every token."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         ids_TK, weights_TK, scores_TE = self.router(x_TD)
-        x_SD, counts, state = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
-        y_TD = self.dispatcher.combine(self.experts(x_SD, counts), state).to(x_BLD.dtype)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        self._record(ctx, ids_TK, scores_TE, B, L)
-        return y_TD.view(B, L, D)
+        return Routing(x_TD, ids_TK, weights_TK, scores_TE, (B, L, D), x_BLD.dtype)
 
-    def _record(self, ctx, ids_TK: Tensor, scores_TE: Tensor, B: int, L: int) -> None:
+    def expert_mlp(self, x_SD: Tensor, counts: list[int]) -> Tensor:
+        """The routed experts on the dispatched rows (sorted by local expert)."""
+        return self.experts(x_SD, counts)
+
+    def shared_mlp(self, x_TD: Tensor) -> Tensor | None:
+        """The shared experts on every token (None without shared experts)."""
+        return self.shared(x_TD) if self.shared is not None else None
+
+    def output(self, y_TD: Tensor, shared_TD: Tensor | None, r: Routing) -> Tensor:
+        """Combined routed outputs plus the shared experts', in the FFN input's shape and dtype."""
+        y_TD = y_TD.to(r.dtype)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
+        return y_TD.view(r.shape)
+
+    def record(self, ctx, r: Routing) -> None:
+        """Expert loads and the sequence-wise balance loss of this layer, into the context."""
+        B, L, _ = r.shape
         valid_T = ctx.valid.reshape(-1)
-        ctx.expert_counts[self.moe_index] += expert_counts(ids_TK.detach(), self.moe.num_experts, valid_T)
+        ctx.expert_counts[self.moe_index] += expert_counts(r.ids_TK.detach(), self.moe.num_experts, valid_T)
         if self.moe.seq_aux_loss_alpha > 0:
             ctx.balance_losses.append(seq_balance_loss(
-                scores_TE.view(B, L, -1), ids_TK.view(B, L, -1), ctx.valid, self.moe.seq_aux_loss_alpha))
+                r.scores_TE.view(B, L, -1), r.ids_TK.view(B, L, -1), ctx.valid, self.moe.seq_aux_loss_alpha))

@@ -17,13 +17,18 @@ from model.experts import GroupedExperts
 LINEAR_KINDS = ("attention", "mlp", "shared_expert", "router", "output_head", "mtp_proj")
 
 
+def check_linear_kind(kind: str) -> None:
+    """Raise for a Linear kind the model does not ask for (every provider checks with this)."""
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"linear kind = {kind!r}: must be one of {', '.join(LINEAR_KINDS)}")
+
+
 class LayerProvider:
     """Hands out the model's Linear and GroupedExperts modules; subclass to change precision."""
 
     def linear(self, in_features: int, out_features: int, *, kind: str, layer: int | None) -> nn.Module:
         """A bias-free Linear, y = x @ weight.T with weight [out, in]."""
-        if kind not in LINEAR_KINDS:
-            raise ValueError(f"linear kind = {kind!r}: must be one of {', '.join(LINEAR_KINDS)}")
+        check_linear_kind(kind)
         return nn.Linear(in_features, out_features, bias=False)
 
     def grouped_experts(self, num_experts: int, hidden: int, ffn: int, *, layer: int) -> nn.Module:

@@ -1,12 +1,14 @@
 """The DeepSeek-V3 model: embedding -> blocks -> RMSNorm -> output head, plus MTP modules.
 
-A pipeline stage is this same class built with fewer blocks (`layers`) and with or without the
-embedding and the head; parameter names match the full model's (blocks are `layers.<global
-index>`). The head stage also keeps an `embed` copy when MTP (or tied embeddings) needs it:
-under pipeline parallelism its gradient must be summed with the first stage's copy, as for tied
-embeddings in Megatron. Pieces for a pipeline runtime: `make_context`, `embed_tokens`,
-`layers[str(i)](h, ctx)`, `head_loss`. Losses: lm + mtp.loss_weight * mean MTP loss + the
-sequence-wise balance losses (DeepSeek-V3 sections 2.1-2.2).
+The model may be built with fewer blocks (`layers`) and with or without the embedding and the
+head: the blocks a pipeline rank holds. `model.stage(layers, embed, head)` hands out one stage
+of it (`ModelStage`): the blocks it runs, in order, with the embedding, the head and the MTP
+modules where the stage holds them, as modules shared with the model under the model's own
+parameter names (blocks are `layers.<global index>`), so that checkpoints, ZeRO and the
+router-bias update see one model. A stage with the head also uses the embedding when MTP (or
+tied embeddings) needs it: under pipeline parallelism that copy's gradient is summed with the
+first stage's, as for tied embeddings in Megatron. Losses: lm + mtp.loss_weight * mean MTP loss
++ the sequence-wise balance losses (DeepSeek-V3 sections 2.1-2.2).
 
 MoE layers of the full model (main MoE blocks in order, then the MoE blocks of the MTP modules)
 each own one row of `expert_counts` [n_moe_layers, E]; a stage leaves the rows it does not own
@@ -59,7 +61,56 @@ def token_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
     return total / (targets_BL != IGNORE).sum().clamp(min=1)
 
 
-class DeepSeekV3(nn.Module):
+def needs_embedding(cfg, embed: bool, head: bool) -> bool:
+    """Whether a stage uses the embedding: it embeds tokens, or its MTP / tied head reads it."""
+    return embed or (head and (cfg.mtp.depth > 0 or cfg.model.tie_embeddings))
+
+
+class StageForward(nn.Module):
+    """What a stage runs: embedding (if held), its blocks `owned` in order, then the final norm,
+    head, MTP modules and losses (if it holds the head). Subclasses provide the modules
+    (`embed`, `layers`, `norm`, `head`, `mtp`), `cfg`, `owned`, `has_embed`, `has_head` and
+    `make_context`."""
+
+    def blocks(self) -> list[Block]:
+        """This stage's blocks in forward order."""
+        return [self.layers[str(i)] for i in self.owned]
+
+    def embed_tokens(self, batch) -> Tensor:
+        if not self.has_embed:
+            raise RuntimeError("embed_tokens called on a stage built with embed=False")
+        return self.embed(batch.tokens)
+
+    def forward(self, batch, h: Tensor | None = None, ctx: Context | None = None):
+        """Full model: ModelOutput. A stage without head returns h; without embed it needs h."""
+        ctx = self.make_context(batch) if ctx is None else ctx
+        if h is None:
+            h = self.embed_tokens(batch)
+        for block in self.blocks():
+            h = block(h, ctx)
+        return self.head_loss(h, batch, ctx) if self.has_head else h
+
+    def head_loss(self, h_BLD: Tensor, batch, ctx: Context | None = None) -> ModelOutput:
+        """Final norm, head, MTP and all losses; adds the balance losses recorded in ctx."""
+        if not self.has_head:
+            raise RuntimeError("head_loss called on a stage built with head=False")
+        ctx = self.make_context(batch) if ctx is None else ctx
+        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels)
+        mtp_losses, h_prev = [], h_BLD
+        for k, module in enumerate(self.mtp, start=1):
+            h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
+            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k)))
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
+        balance = ctx.balance_loss()
+        loss = lm + self.cfg.mtp.loss_weight * mtp + balance
+        return ModelOutput(loss=loss, lm_loss=lm.detach(), mtp_loss=mtp.detach(),
+                           balance_loss=balance.detach(), expert_counts=ctx.expert_counts.detach())
+
+    def moe_modules(self) -> list[MoE]:
+        return [mod for mod in self.modules() if isinstance(mod, MoE)]
+
+
+class DeepSeekV3(StageForward):
     def __init__(self, cfg, provider, dispatcher, layers=None, embed: bool = True, head: bool = True):
         super().__init__()
         m = cfg.model
@@ -70,8 +121,7 @@ class DeepSeekV3(nn.Module):
         self.has_embed, self.has_head = embed, head
         self.moe_names = moe_layer_names(cfg)
         slot = {name: i for i, name in enumerate(self.moe_names)}
-        need_embed = embed or (head and (cfg.mtp.depth > 0 or m.tie_embeddings))
-        self.embed = nn.Embedding(m.vocab_size, m.hidden_size) if need_embed else None
+        self.embed = nn.Embedding(m.vocab_size, m.hidden_size) if needs_embedding(cfg, embed, head) else None
         self.layers = nn.ModuleDict({
             str(i): Block(cfg, provider, dispatcher, layer=i, moe_index=slot.get(f"layers.{i}"))
             for i in self.owned})
@@ -94,38 +144,10 @@ class DeepSeekV3(nn.Module):
     def make_context(self, batch) -> Context:
         return make_context(batch, self.rope_cos, self.rope_sin, self.n_moe_layers, self.cfg.moe.num_experts)
 
-    def embed_tokens(self, batch) -> Tensor:
-        if not self.has_embed:
-            raise RuntimeError("embed_tokens called on a stage built with embed=False")
-        return self.embed(batch.tokens)
-
-    def forward(self, batch, h: Tensor | None = None, ctx: Context | None = None):
-        """Full model: ModelOutput. A stage without head returns h; without embed it needs h."""
-        ctx = self.make_context(batch) if ctx is None else ctx
-        if h is None:
-            h = self.embed_tokens(batch)
-        for i in self.owned:
-            h = self.layers[str(i)](h, ctx)
-        return self.head_loss(h, batch, ctx) if self.has_head else h
-
-    def head_loss(self, h_BLD: Tensor, batch, ctx: Context | None = None) -> ModelOutput:
-        """Final norm, head, MTP and all losses; adds the balance losses recorded in ctx."""
-        if not self.has_head:
-            raise RuntimeError("head_loss called on a stage built with head=False")
-        ctx = self.make_context(batch) if ctx is None else ctx
-        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels)
-        mtp_losses, h_prev = [], h_BLD
-        for k, module in enumerate(self.mtp, start=1):
-            h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
-            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k)))
-        mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
-        balance = ctx.balance_loss()
-        loss = lm + self.cfg.mtp.loss_weight * mtp + balance
-        return ModelOutput(loss=loss, lm_loss=lm.detach(), mtp_loss=mtp.detach(),
-                           balance_loss=balance.detach(), expert_counts=ctx.expert_counts.detach())
-
-    def moe_modules(self) -> list[MoE]:
-        return [mod for mod in self.modules() if isinstance(mod, MoE)]
+    def stage(self, layers, embed: bool, head: bool) -> "ModelStage":
+        """One pipeline stage of this model: blocks `layers`, the embedding if `embed`, the
+        head and MTP modules if `head`; its parameters are this model's, under the same names."""
+        return ModelStage(self, layers, embed, head)
 
     @torch.no_grad()
     def update_router_bias(self, counts: Tensor) -> None:
@@ -138,6 +160,30 @@ class DeepSeekV3(nn.Module):
             return
         for mod in self.moe_modules():
             update_bias(mod.router.bias, counts[mod.moe_index], gamma)
+
+
+class ModelStage(StageForward):
+    """A stage of a `DeepSeekV3` (see `DeepSeekV3.stage`): the model's own modules, registered
+    under the same attribute names, so `named_parameters()` yields the single-process names."""
+
+    def __init__(self, model: DeepSeekV3, layers, embed: bool, head: bool):
+        super().__init__()
+        self.owned = sorted(int(i) for i in layers)
+        missing = [i for i in self.owned if str(i) not in model.layers]
+        if missing:
+            raise ValueError(f"stage blocks {missing}: the model holds only blocks {model.owned}")
+        if (embed and not model.has_embed) or (head and not model.has_head):
+            raise ValueError(f"a stage with embed={embed}, head={head} needs a model built with them "
+                             f"(embed={model.has_embed}, head={model.has_head})")
+        self.cfg, self.has_embed, self.has_head = model.cfg, embed, head
+        self._model = [model]  # a list: the model is not a submodule of its stage
+        self.embed = model.embed if needs_embedding(model.cfg, embed, head) else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in self.owned})
+        if head:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+
+    def make_context(self, batch) -> Context:
+        return self._model[0].make_context(batch)
 
 
 def build_model(cfg, provider=None, dispatcher=None, layers=None, embed: bool = True,

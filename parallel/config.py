@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import doc, require
-
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+from parallel.pipeline.schedules import SCHEDULE_NAMES
 
 
 @dataclass(kw_only=True)
@@ -24,11 +23,16 @@ class ParallelConfig:
     schedule: str = doc("1f1b", "Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo.")
     node_limited_dispatch: bool = doc(True, "Two-stage all-to-all: a token crosses to a remote node once, then fans out inside it.")
+    recompute: bool = doc(False, "Pipeline runs (pp > 1): recompute each block's compute pieces (attention + router, "
+                                 "experts, shared expert, dense blocks) in the backward; all-to-alls are never re-issued.")
 
     def __post_init__(self):
         require(self.dp == -1 or self.dp >= 1, "dp", self.dp, "must be >= 1, or -1 for world_size / pp")
         require(self.pp >= 1, "pp", self.pp, "must be >= 1")
         require(self.ep >= 1, "ep", self.ep, "must be >= 1")
         require(self.ranks_per_node >= 0, "ranks_per_node", self.ranks_per_node, "must be >= 0 (0 = LOCAL_WORLD_SIZE)")
-        require(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {', '.join(SCHEDULES)}")
+        require(self.schedule in SCHEDULE_NAMES, "schedule", self.schedule,
+                f"must be one of {', '.join(SCHEDULE_NAMES)}")
+        require(not self.recompute or self.pp > 1, "recompute", self.recompute,
+                "applies to pipeline runs only: set parallel.pp > 1, or recompute = false")
         require(self.backend in ("auto", "nccl", "gloo"), "backend", self.backend, "must be auto, nccl or gloo")

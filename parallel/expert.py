@@ -16,8 +16,11 @@ hop's group that holds at least one of its experts, carrying its gate weights an
 At the expert rank the received rows are expanded to (row, slot) pairs sorted by local expert.
 Combine weights each expert output by its gate at the expert rank, sums per received row and
 walks the hops backwards, summing what comes back per sent row. Every step is autograd-aware:
-gradients reach x and the gate weights. `dispatch_async` / `combine_async` return a handle whose
-first all-to-all is already in flight, so a pipeline can compute while it travels.
+gradients reach x and the gate weights. `dispatch_steps` / `combine_steps` are step generators
+(`parallel.steps`): each yields a `PendingExchange` right after issuing it and, once resumed,
+finishes it with the given `finish` (by default `PendingExchange.finish`; the pipeline's overlap
+runtime passes one that cuts the autograd graph there). `dispatch_async` / `combine_async`
+return a handle whose first all-to-all is already in flight.
 
 Legend: T tokens, K experts per token, D hidden, R rows at a hop, M (row, member) pairs,
 S (row, slot) pairs for local experts, E experts.
@@ -31,8 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel.expert_comm import CommStats, PendingExchange, start_exchange
-
-_PENDING = object()
+from parallel.steps import Started
 
 
 @dataclass
@@ -65,23 +67,12 @@ class DispatchState:
     extra: dict = field(default_factory=dict)
 
 
-class CommHandle:
-    """A dispatch or combine in progress; its first exchange is issued. `wait()` returns the result."""
+CommHandle = Started  # a dispatch or combine whose first exchange is issued; `wait()` returns the result
 
-    def __init__(self, steps):
-        self._steps, self._result = steps, _PENDING
-        self._advance()
 
-    def _advance(self) -> None:
-        try:
-            next(self._steps)
-        except StopIteration as stop:
-            self._result = stop.value
-
-    def wait(self):
-        while self._result is _PENDING:
-            self._advance()
-        return self._result
+def finish_exchange(pending: PendingExchange) -> list[Tensor]:
+    """The default way a step generator finishes an exchange: wait, result wired into autograd."""
+    return pending.finish()
 
 
 def route_pairs(ids_RK: Tensor, member_of_expert: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +105,7 @@ def build_hops(num_experts: int, topology, node_limited: bool) -> list[Hop]:
 
 
 class AllToAllDispatcher:
-    """The expert-parallel Dispatcher (contract in trainer/model/moe.py); one instance per model."""
+    """The expert-parallel Dispatcher (protocol in model/experts.py); one instance per model."""
 
     def __init__(self, num_experts: int, topology, node_limited: bool = True):
         if num_experts % topology.ep:
@@ -133,13 +124,14 @@ class AllToAllDispatcher:
         return self.combine_async(y_SD, state).wait()
 
     def dispatch_async(self, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor) -> CommHandle:
-        return CommHandle(self._dispatch_steps(x_TD, topk_ids_TK, topk_weights_TK))
+        return CommHandle(self.dispatch_steps(x_TD, topk_ids_TK, topk_weights_TK))
 
     def combine_async(self, y_SD: Tensor, state: DispatchState) -> CommHandle:
-        return CommHandle(self._combine_steps(y_SD, state))
+        return CommHandle(self.combine_steps(y_SD, state))
 
     # ---- the steps; each `yield` is a point where an exchange is in flight
-    def _dispatch_steps(self, x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor):
+    def dispatch_steps(self, x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, finish=finish_exchange):
+        """Step generator of `dispatch`; yields each exchange right after issuing it."""
         ids_RK, w_RK = ids_RK.to(torch.int32), w_RK.float()
         K, D = ids_RK.shape[1], x_RD.shape[1]
         row_bytes = D * x_RD.element_size() + K * (w_RK.element_size() + ids_RK.element_size())
@@ -151,7 +143,7 @@ class AllToAllDispatcher:
             pending = start_exchange([x_RD[row_M], w_RK[row_M], ids_MK], counts, hop.group)
             yield pending
             rows_before = x_RD.shape[0]
-            x_RD, w_RK, ids_RK = pending.finish()
+            x_RD, w_RK, ids_RK = finish(pending)
             trail.append(_HopTrail(hop, row_M, rows_before, counts, pending.recv_counts))
         row_S, k_S = (ids_RK >= 0).nonzero(as_tuple=True)
         local_S = ids_RK[row_S, k_S].long() - self.expert_offset
@@ -162,7 +154,8 @@ class AllToAllDispatcher:
         state = DispatchState(trail, row_S, k_S, w_RK, x_RD.shape[0])
         return x_RD[row_S], counts, state
 
-    def _combine_steps(self, y_SD: Tensor, state: DispatchState):
+    def combine_steps(self, y_SD: Tensor, state: DispatchState, finish=finish_exchange):
+        """Step generator of `combine`; yields each exchange right after issuing it."""
         w_S = state.weights_RK[state.row_S, state.k_S].to(y_SD.dtype)
         y_RD = y_SD.new_zeros(state.rows, y_SD.shape[1]).index_add(0, state.row_S, y_SD * w_S[:, None])
         row_bytes = y_SD.shape[1] * y_SD.element_size()
@@ -170,7 +163,7 @@ class AllToAllDispatcher:
             self.stats.add(t.recv_counts, row_bytes, t.hop.cross, t.hop.me, rows=False)
             pending = PendingExchange([y_RD], t.recv_counts, t.send_counts, t.hop.group)
             yield pending
-            (y_MD,) = pending.finish()
+            (y_MD,) = finish(pending)
             y_RD = y_MD.new_zeros(t.rows_before, y_MD.shape[1]).index_add(0, t.row_M, y_MD)
         return y_RD
 
@@ -207,7 +200,7 @@ def parallelize_experts(model: nn.Module, topology, node_limited: bool = True) -
     dispatcher = AllToAllDispatcher(num_experts, topology, node_limited)
     for _, moe in moes:
         _shard_experts(moe.experts, num_experts, dispatcher.expert_offset, dispatcher.num_local_experts)
-        moe._dispatcher[0] = dispatcher
+        moe.set_dispatcher(dispatcher)
     return dispatcher
 
 

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from parallel.data_parallel import ZeroAdamW
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
-from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
+from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
+from parallel.steps import in_context
 from model.batch import make_batch
 from trainer.config import ConfigError
 
@@ -45,26 +46,6 @@ class StageInfo:
     balance_loss: Tensor    # scalar, detached: this stage's sequence-wise balance losses
 
 
-def _call_steps(chunk, micro: int, x):
-    """A generator form of a chunk without `steps`: it never yields."""
-    return chunk(micro, x)
-    yield  # noqa: unreachable (makes this a generator)
-
-
-def _in_context(gen, make_context):
-    """Drive `gen`, entering `make_context()` around each of its resumptions only, so that the
-    context never leaks into whatever runs while the generator is suspended (the other half of
-    an overlapped F&B pair)."""
-    value = None
-    while True:
-        with make_context():
-            try:
-                item = gen.send(value)
-            except StopIteration as stop:
-                return stop.value
-        value = yield item
-
-
 class TrainChunk:
     """A runtime chunk around a model chunk: forward under the autocast/FP8 context; a chunk
     without the head returns `StageInfo` (counts and balance loss) as its info."""
@@ -73,8 +54,8 @@ class TrainChunk:
         self.inner, self.make_context, self.deferral = inner, make_context, inner.deferral
 
     def steps(self, micro: int, x):
-        inner = self.inner.steps(micro, x) if hasattr(self.inner, "steps") else _call_steps(self.inner, micro, x)
-        res = yield from _in_context(inner, self.make_context)
+        # the context wraps each resumption only, never the other half of an overlapped F&B pair
+        res = yield from in_context(chunk_steps(self.inner, micro, x), self.make_context)
         if res.loss is None:
             counts = res.info
             balance = res.aux.detach() if res.aux is not None else counts.new_zeros(())

@@ -97,9 +97,6 @@ class Placement:
     def num_micro(self) -> int:
         return len(self.routes)
 
-    def stage_index(self, m: int, rank: int, chunk: int) -> int:
-        return self._hop[(m, (rank, chunk))]
-
     def prev(self, m: int, rank: int, chunk: int) -> tuple[int, int] | None:
         """The (rank, chunk) that feeds this one in forward, None at the route's start."""
         i = self._hop[(m, (rank, chunk))]

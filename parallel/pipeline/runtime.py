@@ -9,9 +9,9 @@ The runtime walks the list produced by `schedules.build_schedule` (compute + SEN
   runtime keeps under that (micro-batch, chunk) and runs at its W. No global store.
 - FB: an F&B pair, run by a pair executor. `PairExecutor` runs the forward then the backward
   (torch.distributed.pipelining does the same); `overlap.OverlapPairExecutor` interleaves the
-  two micro-batches (DeepSeek-V3 section 3.2.1). Both drive the generator forms
-  `forward_steps(m, c)` / `backward_steps(m, c, op)`, which yield whenever a chunk has an
-  all-to-all in flight (chunks with a `steps` method and a tape, see overlap.py).
+  two micro-batches (DeepSeek-V3 section 3.2.1). Both drive the step generators
+  (`parallel.steps`) `forward_steps(m, c)` / `backward_steps(m, c, op)`, which yield whenever a
+  chunk has an all-to-all in flight (chunks with a `steps` method and a tape, see pieces.py).
 - SEND / RECV: a run of consecutive comm actions becomes one `batch_isend_irecv`. The first
   time a message (peer, kind, micro-batch, chunk) goes by, it carries a shape header (int64
   [ndim, dtype, dims...]); both ends then cache its shape and dtype and later steps send the
@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from parallel.steps import call_steps, drain
 
 from .actions import COMM_OPS, Action
 from .schedules import Schedule
@@ -70,19 +72,15 @@ class ModuleChunk:
         return self.module.named_parameters()
 
 
+def chunk_steps(chunk, micro: int, x: Tensor | None):
+    """The step generator of a chunk's forward: its `steps` if it has them, else its plain call."""
+    return chunk.steps(micro, x) if hasattr(chunk, "steps") else call_steps(chunk, micro, x)
+
+
 @dataclass
 class _Saved:
     x: Tensor | None
     result: ChunkOutput
-
-
-def drain(gen):
-    """Run a generator to its end and return its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 class PairExecutor:
@@ -165,7 +163,7 @@ class PipelineRuntime:
         first, last = place.is_first(m, self.rank, c), place.is_last(m, self.rank, c)
         x = None if first else self._inputs.pop((m, c)).detach().requires_grad_()
         chunk = self.chunks[c]
-        res = (yield from chunk.steps(m, x)) if hasattr(chunk, "steps") else chunk(m, x)
+        res = yield from chunk_steps(chunk, m, x)
         assert (res.loss is not None) == last, f"chunk {c} micro {m}: loss stage mismatch"
         self.infos[(m, c)] = res.info
         if last:

@@ -9,16 +9,18 @@ No global store: a `WeightGradDeferral` object belongs to one pipeline chunk. Th
 only dX and appends a closure computing its dW to the collected list, which the runtime keeps
 per (micro-batch, chunk) and calls at that chunk's W. Outside `collect()` (a full B) the layer
 computes both halves as usual. Modules that are not deferrable simply finish in I (empty W).
-`SplitWeightProvider` hands such linears to the model through the layer-provider seam.
+`SplitWeightProvider` hands such linears to the model through the layer-provider seam, each
+layer's to the deferral of the chunk that runs it.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from model.provider import LINEAR_KINDS, LayerProvider
+from model.provider import LayerProvider, check_linear_kind
 
 
 class WeightGradDeferral:
@@ -82,12 +84,12 @@ class DeferrableLinear(nn.Linear):
 
 
 class SplitWeightProvider(LayerProvider):
-    """Layer provider whose linears (all kinds) defer dW under `deferral.collect()`."""
+    """Layer provider whose linears (all kinds) defer dW under `deferral.collect()`, each to the
+    deferral `deferral_of_layer(layer)` of the chunk that runs its layer (layer None: the head)."""
 
-    def __init__(self, deferral: WeightGradDeferral):
-        self.deferral = deferral
+    def __init__(self, deferral_of_layer: Callable[[int | None], WeightGradDeferral]):
+        self.deferral_of_layer = deferral_of_layer
 
     def linear(self, in_features: int, out_features: int, *, kind: str, layer: int | None) -> nn.Module:
-        if kind not in LINEAR_KINDS:
-            raise ValueError(f"linear kind = {kind!r}: must be one of {', '.join(LINEAR_KINDS)}")
-        return DeferrableLinear(in_features, out_features, self.deferral)
+        check_linear_kind(kind)
+        return DeferrableLinear(in_features, out_features, self.deferral_of_layer(layer))

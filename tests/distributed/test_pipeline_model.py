@@ -1,5 +1,6 @@
 """Pipeline runtime on the DeepSeek-V3 model (MoE + MTP + balance loss) over gloo ranks:
-per-micro-batch losses, every gradient and the expert loads equal one process's.
+per-micro-batch losses, every gradient and the expert loads equal one process's. The chunks are
+the ones training runs (`build_union_chunks`: one model per rank, a stage of it per chunk).
 
 Kept small for CI time: all four schedules at pp = 2 (4 micro-batches); at pp = 4 only the
 two-chunk schedules (DualPipe, DualPipeV: cross-rank hand-offs in both directions, the V turn,
@@ -8,7 +9,7 @@ toy-model test. 8 blocks so that DualPipeV at pp = 4 has one block per stage."""
 import pytest
 import torch
 
-from parallel.pipeline.model_stage import build_model_chunks
+from parallel.pipeline.model_stage import build_union_chunks
 from parallel.pipeline.runtime import PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
 from tests.distributed.spawn import run_ranks
@@ -46,7 +47,7 @@ def _rank(rank, world, n, names):
     cfg, out = _cfg(), {}
     for name in names:
         s = build_schedule(name, world, n)
-        chunks = build_model_chunks(cfg, s, rank, _batches(n), split_w=name in ("zb1p", "dualpipev"))
+        _, chunks = build_union_chunks(cfg, s, rank, _batches(n), split_w=name in ("zb1p", "dualpipev"))
         rt = PipelineRuntime(s, rank, chunks)
         results = rt.run()
         reduce_shared_grads(chunks, rank, world)

@@ -4,7 +4,8 @@ and the expert loads equal the serial pair executor's, also with piecewise recom
 import torch
 
 from parallel.config import ParallelConfig
-from parallel.pipeline.model_stage import ModelChunk, build_model_chunks
+from parallel.expert import parallelize_experts
+from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
@@ -16,8 +17,8 @@ from trainer.config import load_config
 N = 4
 
 
-def _cfg():
-    return load_config(None, ["model.vocab_size=64", "model.max_seq_len=8", "data.seq_len=8",
+def _cfg(*extra):
+    return load_config(None, [*extra, "model.vocab_size=64", "model.max_seq_len=8", "data.seq_len=8",
                               "model.num_layers=4", "model.first_k_dense=0", "model.hidden_size=16",
                               "model.dense_ffn_size=16", "moe.expert_ffn_size=8", "attention.num_heads=2",
                               "moe.seq_aux_loss_alpha=0.01"])
@@ -28,10 +29,12 @@ def _batches(seed):
     return [make_batch(torch.randint(0, 64, (2, 8), generator=g), [[3, 5], [8]]) for _ in range(N)]
 
 
-def _one(topo, pair, **chunk_kw):
-    cfg, s = _cfg(), build_schedule("dualpipev", topo.pp, N)
-    chunks = build_model_chunks(cfg, s, topo.pp_rank, _batches(topo.dp_rank), split_w=True,
-                                topology=topo, **chunk_kw)
+def _one(topo, pair, chunk_cls, recompute=False):
+    cfg = _cfg("parallel.pp=2", "parallel.ep=2", f"parallel.recompute={recompute}")
+    s = build_schedule("dualpipev", topo.pp, N)
+    model, chunks = build_union_chunks(cfg, s, topo.pp_rank, _batches(topo.dp_rank), split_w=True,
+                                       chunk_cls=chunk_cls)
+    parallelize_experts(model, topo)
     rt = PipelineRuntime(s, topo.pp_rank, chunks, group_ranks=topo.ranks("pp"), pair=pair)
     results = rt.run()
     reduce_shared_grads(chunks, topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))

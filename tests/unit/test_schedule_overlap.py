@@ -4,8 +4,9 @@ and piecewise recomputation give the losses, gradients and expert loads of the p
 import pytest
 import torch
 
-from parallel.pipeline.model_stage import build_model_chunks
-from parallel.pipeline.overlap import OverlapModelChunk, Tape
+from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
+from parallel.pipeline.overlap import OverlapModelChunk
+from parallel.pipeline.pieces import Tape
 from parallel.pipeline.runtime import PipelineRuntime
 from parallel.pipeline.schedules import build_schedule
 from model.batch import make_batch
@@ -29,9 +30,11 @@ def _batches():
     return [make_batch(torch.randint(0, 64, (2, 16), generator=g), [[7, 9], [16]]) for _ in range(N)]
 
 
-def _run(**kw):
+def _run(chunk_cls=ModelChunk, recompute=False):
     s = build_schedule("zb1p", 1, N)
-    chunks = build_model_chunks(_cfg(), s, 0, _batches(), split_w=True, **kw)
+    _, chunks = build_union_chunks(_cfg(), s, 0, _batches(), split_w=True, chunk_cls=chunk_cls)
+    for chunk in chunks:  # parallel.recompute is for pp > 1 only: switch it on the chunk here
+        chunk.recompute = recompute
     rt = PipelineRuntime(s, 0, chunks)
     results = rt.run()
     losses = [(o.lm_loss.item(), o.mtp_loss.item(), o.balance_loss.item()) for _, o in results]
