@@ -86,6 +86,35 @@ def test_pipeline_stages_equal_full_model():
     torch.testing.assert_close(ctx0.expert_counts + out.expert_counts, ref.expert_counts)
 
 
+def test_stages_of_one_model_run_as_the_model_bit_for_bit():
+    """model.stage() hands out its own modules under the model's names; the stages chained are
+    the model's forward exactly, and a block's steps in sequence are Block.forward."""
+    cfg = _cfg()
+    model = build_model(cfg)
+    first, last = model.stage([0, 1], embed=True, head=False), model.stage([2, 3], embed=False, head=True)
+    params = dict(model.named_parameters())
+    for stage in (first, last):
+        for name, p in stage.named_parameters():
+            assert p is params[name], name
+    assert "embed.weight" in dict(last.named_parameters())  # MTP reads the embedding
+    assert set(dict(first.named_parameters())) | set(dict(last.named_parameters())) == set(params)
+    batch = _batch()
+    ref = model(batch)
+    ctx = model.make_context(batch)
+    out = last(batch, h=first(batch, ctx=ctx), ctx=ctx)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.expert_counts, ref.expert_counts)
+    block, h = model.layers["1"], model.embed_tokens(batch)
+    moe, ctx = block.ffn, model.make_context(batch)
+    h1, x = block.attention(h, ctx)
+    r = moe.route(x)
+    x_SD, counts, state = moe.dispatcher.dispatch(r.x_TD, r.ids_TK, r.weights_TK)
+    y_TD = moe.dispatcher.combine(moe.expert_mlp(x_SD, counts), state)
+    stepped = h1 + moe.output(y_TD, moe.shared_mlp(r.x_TD), r)
+    assert torch.equal(stepped, block(h, model.make_context(batch)))
+    with pytest.raises(ValueError, match="holds only blocks"):
+        build_model(cfg, layers=[0]).stage([1], embed=True, head=False)
+
+
 def test_meta_device_build_has_no_storage():
     with torch.device("meta"):
         model = build_model(load_config(None, []))
