@@ -21,6 +21,9 @@ The runtime walks the list produced by `schedules.build_schedule` (compute + SEN
   ranks. Per pair of ranks the RECVs come in the sender's SEND order (the lowering guarantees
   it), so this also holds on NCCL, which matches messages in issue order.
 
+With `record_timeline=True` the runtime keeps each action's start and end (`timeline`), the
+measured counterpart of the simulator's replay (simulate.py); off, it costs one branch per action.
+
 After the list: wait for the sends, then `reduce_shared_grads` sums the gradients of every
 parameter held more than once in the pipeline (DualPipe's two model copies, an embedding
 copied onto the head stage for MTP): locally across chunks, then with the other holders.
@@ -31,6 +34,7 @@ A chunk is any callable `chunk(micro, x) -> ChunkOutput` with optional attribute
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -101,6 +105,7 @@ class PipelineRuntime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     pair: PairExecutor = field(default_factory=PairExecutor)
     dynamic_shapes: bool = False    # True: every message carries its shape header
+    record_timeline: bool = False   # True: `timeline` keeps (action, start, end) of every action
 
     def __post_init__(self):
         if len(self.chunks) != self.schedule.placement.chunks_per_rank:
@@ -119,22 +124,34 @@ class PipelineRuntime:
         self._saved: dict[tuple[int, int], _Saved] = {}
         self._wq: dict[tuple[int, int], list] = {}
         self._sends, self._keep, self.results, self.infos = [], [], {}, {}
+        self.timeline: list[tuple[Action, float, float]] = []
         acts, i = self.schedule.lowered[self.rank], 0
         while i < len(acts):
             j = i
             while j < len(acts) and acts[j].op in COMM_OPS:
                 j += 1
             if j > i:
-                self._communicate(acts[i:j])
+                self._timed(self._communicate, acts[i:j])
                 i = j
             else:
-                self.execute(acts[i])
+                self._timed(self.execute, acts[i])
                 i += 1
         for work in self._sends:
             work.wait()
         self._keep.clear()
         assert not self._saved and not self._wq, "activations or W closures left over"
         return [self.results[m] for m in sorted(self.results)]
+
+    def _timed(self, fn, acts) -> None:
+        """fn(acts); with `record_timeline` each action of `acts` (one, or a batch of comms) gets
+        the call's (start, end) in seconds of `time.perf_counter`."""
+        if not self.record_timeline:
+            fn(acts)
+            return
+        t0 = time.perf_counter()
+        fn(acts)
+        t1 = time.perf_counter()
+        self.timeline += [(a, t0, t1) for a in (acts if isinstance(acts, list) else [acts])]
 
     def execute(self, a: Action) -> None:
         if a.op == "F":

@@ -1,9 +1,12 @@
 """Runtime bookkeeping that needs no processes: the per-message shape cache refuses a changed
-shape (which the receiver could not know about) unless the runtime sends headers every time."""
+shape (which the receiver could not know about) unless the runtime sends headers every time;
+the action timeline is recorded only when asked."""
 import pytest
 import torch
 
-from parallel.pipeline.runtime import PipelineRuntime, drain
+from torch import nn
+
+from parallel.pipeline.runtime import ModuleChunk, PipelineRuntime, drain
 from parallel.pipeline.schedules import build_schedule
 
 
@@ -28,3 +31,17 @@ def test_drain_returns_the_generator_value():
         yield 2
         return "done"
     assert drain(gen()) == "done"
+
+
+def test_timeline_records_every_action_in_order_only_when_asked():
+    s = build_schedule("1f1b", 1, 3)
+    inputs = [torch.randn(2, 4) for _ in range(3)]
+    chunk = ModuleChunk(nn.Linear(4, 4), inputs, loss_fn=lambda m, y: y.square().mean())
+    rt = PipelineRuntime(s, 0, [chunk], record_timeline=True)
+    rt.run()
+    assert [a for a, _, _ in rt.timeline] == list(s.lowered[0])
+    assert all(t0 <= t1 for _, t0, t1 in rt.timeline)
+    assert all(a[2] <= b[1] for a, b in zip(rt.timeline, rt.timeline[1:]))
+    quiet = PipelineRuntime(s, 0, [chunk])
+    quiet.run()
+    assert quiet.timeline == []
