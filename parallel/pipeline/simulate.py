@@ -11,6 +11,7 @@ activations live from its F until its B or I; W-only leftovers are not counted, 
 DeepSeek-V3 Table 2) and the model-parameter copies. With F = I = W = 1 the bubbles equal the
 closed forms of DeepSeek-V3 Table 2 (section 3.2.1): 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W),
 DualPipe (PP/2-1)(F&B+B-3W); DualPipeV matches DualPipe with PP = 2 x ranks (its stages).
+`Costs.from_timeline` takes the costs from a measured run (`PipelineRuntime(record_timeline=True)`).
 
 CLI: python -m parallel.pipeline.simulate --schedule dualpipe --pp 8 --micro 20 [--png out.png]
 """
@@ -57,6 +58,22 @@ class Costs:
         w = w_share * b_compute
         pair = max(f_compute + b_compute, f_comm + b_comm, max(f, b))
         return cls(F=f, I=b - w, W=w, FB=pair, latency=latency)
+
+    @classmethod
+    def from_timeline(cls, timelines: list, latency: float = 0.0) -> "Costs":
+        """Mean measured seconds per action kind from runtimes' `timeline`s (one per rank).
+
+        W and I come from the measured W and I; without them a measured B is all I (W = 0). An
+        F&B pair whose backward is I-only is counted as if it had done its W too."""
+        spans: dict[str, list[float]] = {}
+        for timeline in timelines:
+            for a, t0, t1 in timeline:
+                spans.setdefault(a.op, []).append(t1 - t0)
+        mean = {op: sum(v) / len(v) for op, v in spans.items()}
+        w = mean.get("W", 0.0)
+        i = mean.get("I", mean.get("B", 0.0) - w)
+        pairs = [t1 - t0 + (w if a.bop == "I" else 0.0) for tl in timelines for a, t0, t1 in tl if a.op == "FB"]
+        return cls(F=mean.get("F", 0.0), I=i, W=w, FB=sum(pairs) / len(pairs) if pairs else None, latency=latency)
 
 
 @dataclass

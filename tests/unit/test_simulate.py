@@ -61,3 +61,13 @@ def test_cli_prints_table_and_writes_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "makespan" in out and "bubble" in out and out.count("\n") >= 10
     assert png.stat().st_size > 5000 and rp.makespan > 0
+
+
+def test_costs_from_a_measured_timeline_are_means_per_action_kind():
+    from parallel.pipeline.actions import FB, Action, F
+    timeline = [(F(0), 0.0, 2.0), (F(1), 2.0, 6.0), (Action("I", 0, 0), 6.0, 9.0), (Action("W", 0, 0), 9.0, 10.0),
+                (FB(2, 0, 1, 0, "I"), 10.0, 15.0), (Action("SEND", 0, 0, peer=1, kind="act"), 15.0, 15.5)]
+    c = Costs.from_timeline([timeline], latency=0.5)
+    assert (c.F, c.I, c.W, c.FB, c.latency) == (3.0, 3.0, 1.0, 6.0, 0.5)
+    one_f_one_b = Costs.from_timeline([[(F(0), 0.0, 1.0), (Action("B", 0, 0), 1.0, 3.0)]])
+    assert (one_f_one_b.B, one_f_one_b.FB) == (2.0, None)
