@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from parallel.pipeline.layout import balanced_layout, num_stages
-from parallel.pipeline.schedules import SCHEDULE_NAMES
+from parallel.pipeline.schedules import SCHEDULE_NAMES, check_sizes, dualpipe, dualpipev, one_f_one_b, zb1p
 from parallel.topology import plan_layout
 from trainer.config import ConfigError
 from trainer.flops import flops_per_token
 from trainer.plan_hardware import GIB, GPU, Efficiency
 from trainer.plan_memory import (activation_model, param_inventory, rank_params, recompute_peak_bytes,
                                  stage_activation_bytes, static_bytes)
-from trainer.plan_time import (OVERLAP_SCHEDULES, _schedule, dp_seconds, pipeline_seconds, stage_costs,
+from trainer.plan_time import (OVERLAP_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
                                stage_flops, stage_work)
 
 MICRO_BATCH_SIZES = (1, 2, 4)
@@ -87,11 +87,16 @@ class Estimate:
         return self.total <= self.budget
 
     def reason(self) -> str:
-        """Why it does not fit: the total against the budget and the component that dominates."""
-        big = max((k for k in COMPONENTS if k != "reserved"), key=lambda k: self.memory[k])
-        return (f"needs {self.total / GIB:.1f} GiB > {self.budget / GIB:.0f} GiB on pp rank {self.rank}: "
-                f"{big} {self.memory[big] / GIB:.1f} GiB is over budget on its own share "
-                f"({100 * self.memory[big] / self.total:.0f}% of the total)")
+        """Why it does not fit: the total against the budget and the component that puts it over."""
+        m = self.memory
+        static = m["weights"] + m["grads"] + m["master"] + m["moments"] + m["reserved"]
+        head = f"needs {self.total / GIB:.1f} GiB > {self.budget / GIB:.0f} GiB on pp rank {self.rank}"
+        if static > self.budget:
+            big = max(("weights", "grads", "master", "moments"), key=lambda k: m[k])
+            return (f"{head}: weights, gradients and optimizer state alone need {static / GIB:.1f} GiB "
+                    f"(largest: {big} {m[big] / GIB:.1f} GiB); add pipeline or expert parallelism")
+        return (f"{head}: activations {m['activations'] / GIB:.1f} GiB (+ all-to-all buffers "
+                f"{m['a2a_buffers'] / GIB:.1f}) on top of {static / GIB:.1f} GiB of state are over budget")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -228,7 +233,15 @@ def peak_live(compute_actions, weights: list[float]) -> float:
 
 @lru_cache(maxsize=4096)
 def _rank_live_points(schedule: str, pp: int, n: int, rank: int):
-    return live_points(_schedule(schedule, pp, n).compute[rank])
+    return live_points(_compute_lists(schedule, pp, n)[rank])
+
+
+@lru_cache(maxsize=256)
+def _compute_lists(schedule: str, pp: int, n: int):
+    """The schedule's compute actions per rank (no comms: the peak needs only their order)."""
+    check_sizes(schedule, pp, n)
+    build = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}[schedule]
+    return build(pp, n)
 
 
 def live_points(compute_actions) -> tuple[tuple[int, ...], ...]:
@@ -315,9 +328,10 @@ def timing(cfg, est: Estimate, cl: Cluster) -> Estimate:
     return est
 
 
-def plan(cfg, cl: Cluster) -> tuple[list[Estimate], list[Estimate]]:
-    """(fitting layouts ranked by tokens/s per GPU, each with its fastest settings; the others,
-    one per layout with its least memory-hungry settings and the reason it does not fit)."""
+def plan(cfg, cl: Cluster, top: int = 10) -> tuple[list[Estimate], list[Estimate], int]:
+    """(fitting layouts ranked by tokens/s per GPU, each with its fastest settings; the layouts
+    that do not fit, each with its least memory-hungry settings and the reason; how many more
+    layouts fit but cannot enter the top `top`, by their lower bound, and were not replayed)."""
     check_cluster(cfg, cl)
     fitting: dict[tuple, list[Estimate]] = {}
     least: dict[tuple, Estimate] = {}
@@ -327,10 +341,15 @@ def plan(cfg, cl: Cluster) -> tuple[list[Estimate], list[Estimate]]:
             fitting.setdefault(c.key, []).append(est)
         elif c.key not in least or est.total < least[c.key].total:
             least[c.key] = est
-    ranked = [_fastest(cfg, ests, cl) for ests in fitting.values()]
+    bounds = sorted((min(lower_bound(cfg, e.cand, cl) for e in ests), k) for k, ests in fitting.items())
+    ranked: list[Estimate] = []
+    for bound, key in bounds:
+        if len(ranked) >= top and bound >= sorted(e.step_s for e in ranked)[top - 1]:
+            break
+        ranked.append(_fastest(cfg, fitting[key], cl))
     ranked.sort(key=lambda e: -e.tokens_per_s_gpu)
     failed = sorted((e for k, e in least.items() if k not in fitting), key=lambda e: e.total)
-    return ranked, failed
+    return ranked, failed, len(fitting) - len(ranked)
 
 
 def _fastest(cfg, ests: list[Estimate], cl: Cluster) -> Estimate:

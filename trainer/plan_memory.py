@@ -46,6 +46,7 @@ class Param:
     numel: int
     ndim: int
     expert: bool
+    block: int | None = None   # the main-model block it belongs to (layers.<block>.)
 
 
 def param_inventory(cfg) -> list[Param]:
@@ -53,24 +54,16 @@ def param_inventory(cfg) -> list[Param]:
     device, not initialised: shapes only, any size)."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg, LayerProvider(), LocalDispatcher(cfg.moe.num_experts))
-    return [Param(n, p.numel(), p.ndim, ".ffn.experts." in n) for n, p in model.named_parameters() if p.requires_grad]
+    return [Param(n, p.numel(), p.ndim, ".ffn.experts." in n, int(n.split(".")[1]) if n.startswith("layers.") else None)
+            for n, p in model.named_parameters() if p.requires_grad]
 
 
 def rank_params(inventory: list[Param], blocks: list[int], embed: bool, head: bool, cfg) -> list[Param]:
     """The parameters one rank's union model holds (see trainer.model.transformer)."""
     keep_embed = embed or (head and (cfg.mtp.depth > 0 or cfg.model.tie_embeddings))
-    prefixes = tuple(f"layers.{i}." for i in blocks)
-    out = []
-    for p in inventory:
-        if p.name.startswith("embed."):
-            ok = keep_embed
-        elif p.name.startswith("layers."):
-            ok = p.name.startswith(prefixes)
-        else:
-            ok = head
-        if ok:
-            out.append(p)
-    return out
+    held = set(blocks)
+    return [p for p in inventory if (p.block in held if p.block is not None
+                                     else keep_embed if p.name.startswith("embed.") else head)]
 
 
 def zero_shard_elements(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1,
