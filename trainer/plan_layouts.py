@@ -226,11 +226,6 @@ def _static_cached(cfg_id: int, layout, stages: tuple, ep: int, dp: int, bf16_mo
     return static_bytes(params, ep, dp, bf16_moments, cfg.optim.weight_decay), params
 
 
-def peak_live(compute_actions, weights: list[float]) -> float:
-    """Largest sum of activations held at once: a chunk's forward adds its weight, B or I frees it."""
-    return max((sum(w * n for w, n in zip(weights, point)) for point in live_points(compute_actions)), default=0.0)
-
-
 @lru_cache(maxsize=4096)
 def _rank_live_points(schedule: str, pp: int, n: int, rank: int):
     return live_points(_compute_lists(schedule, pp, n)[rank])

@@ -121,7 +121,7 @@ class ActivationModel:
     dense_block: tuple[float, float]
     moe_block: tuple[float, float]
     head: float                 # final norm + output-head cross-entropy (fp32 logits)
-    mtp: tuple[float, float]    # one MTP module without its block (added separately)
+    mtp: float                  # one MTP module without its block (added separately)
     logits: float               # vocab entries kept in fp32 per cross-entropy
 
 
@@ -139,7 +139,7 @@ def activation_model(cfg, seq_len: int, attention_core: str = "flash") -> Activa
     dense = (attn + 4 * F, attn_gemm_in + F)
     routed = 4 * K * Fe + 3 * K * D + 2 * E + 2 * K      # experts, dispatched rows + combine, router
     moe = (attn + 4 * S + routed, attn_gemm_in + S + K * D + K * Fe)
-    return ActivationModel(dense_block=dense, moe_block=moe, head=3 * D, mtp=(8 * D, 2 * D),
+    return ActivationModel(dense_block=dense, moe_block=moe, head=3 * D, mtp=8 * D,
                            logits=m.vocab_size)
 
 
@@ -163,7 +163,7 @@ def stage_activation_bytes(cfg, am: ActivationModel, blocks: list[int], head: bo
         total = sum(per_block)
     if head:
         depth = cfg.mtp.depth
-        total += tokens * (am.head + depth * am.mtp[0]) * act_bytes
+        total += tokens * (am.head + depth * am.mtp) * act_bytes
         total += tokens * am.logits * FP32 * (1 + depth)
         total += depth * block_activation_bytes(am, mtp_moe, tokens, act_bytes, fp8)
     return total
