@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from model.experts import LocalDispatcher
+from model.provider import LayerProvider
+from model.transformer import DeepSeekV3
 from parallel.data_parallel import ZeroAdamW
-from trainer.model.moe import LocalDispatcher
-from trainer.model.provider import LayerProvider
-from trainer.model.transformer import DeepSeekV3
 
 BUCKET_ELEMENTS = int(inspect.signature(ZeroAdamW.__init__).parameters["bucket_mb"].default * 2 ** 20 / 4)
 FP32, BF16 = 4, 2
@@ -59,7 +59,7 @@ def param_inventory(cfg) -> list[Param]:
 
 
 def rank_params(inventory: list[Param], blocks: list[int], embed: bool, head: bool, cfg) -> list[Param]:
-    """The parameters one rank's union model holds (see trainer.model.transformer)."""
+    """The parameters one rank's union model holds (see model.transformer)."""
     keep_embed = embed or (head and (cfg.mtp.depth > 0 or cfg.model.tie_embeddings))
     held = set(blocks)
     return [p for p in inventory if (p.block in held if p.block is not None

@@ -8,13 +8,13 @@ ep, ZeroAdamW's buckets) on a topology without process groups.
 import pytest
 import torch
 
+from model.transformer import build_model
 from parallel.data_parallel import ZeroAdamW
 from parallel.expert import parallelize_experts
 from parallel.pipeline.model_stage import build_union_chunks
 from parallel.pipeline.schedules import build_schedule
 from parallel.topology import Topology, plan_layout
 from trainer.config import load_config
-from trainer.model.transformer import build_model
 from trainer.plan_memory import activation_model, param_inventory, rank_params, static_bytes
 
 TINY = ["model.vocab_size=512"]
@@ -39,7 +39,7 @@ def test_single_process_bytes_are_exact(bf16):
 
 
 def test_gradients_are_one_fp32_tensor_per_parameter():
-    from trainer.batch import make_batch
+    from model.batch import make_batch
     cfg = load_config("configs/tiny.yaml", TINY + ["data.seq_len=32"])
     model = build_model(cfg)
     model(make_batch(torch.randint(0, 512, (2, 32)), None)).loss.backward()
