@@ -25,6 +25,7 @@ class ParallelConfig:
     node_limited_dispatch: bool = doc(True, "Two-stage all-to-all: a token crosses to a remote node once, then fans out inside it.")
     recompute: bool = doc(False, "Pipeline runs (pp > 1): recompute each block's compute pieces (attention + router, "
                                  "experts, shared expert, dense blocks) in the backward; all-to-alls are never re-issued.")
+    layout: list = doc([], "Blocks of each pipeline stage, embedding side first: block counts ([3, 4, 4, 3]) or block-index lists ([[0, 1, 2], [3, 4, 5, 6], ...]); [] = near-equal split. Stages: pp, or 2 x pp for dualpipev. `python -m trainer.plan` proposes one.")
 
     def __post_init__(self):
         require(self.dp == -1 or self.dp >= 1, "dp", self.dp, "must be >= 1, or -1 for world_size / pp")
@@ -36,3 +37,5 @@ class ParallelConfig:
         require(not self.recompute or self.pp > 1, "recompute", self.recompute,
                 "applies to pipeline runs only: set parallel.pp > 1, or recompute = false")
         require(self.backend in ("auto", "nccl", "gloo"), "backend", self.backend, "must be auto, nccl or gloo")
+        require(all(isinstance(x, (int, list)) and not isinstance(x, bool) for x in self.layout), "layout",
+                self.layout, "must be a list of block counts or of block-index lists, e.g. [3, 4, 4, 3]")

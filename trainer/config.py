@@ -24,6 +24,7 @@ from data.dedup.config import DedupConfig
 from parallel.config import ParallelConfig
 from parallel.fp8.config import FP8Config
 from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
+from parallel.pipeline.layout import num_stages, resolve_layout
 
 
 class ConfigError(ValueError):
@@ -157,6 +158,13 @@ class Config:
                 (self.parallel.pp % 2 or self.train.grad_accum % 2):
             raise ConfigError(f"parallel.schedule = 'dualpipe': needs an even parallel.pp ({self.parallel.pp}) "
                               f"and an even train.grad_accum ({self.train.grad_accum})")
+        if self.parallel.layout:
+            stages = num_stages(self.parallel.schedule, self.parallel.pp)
+            try:
+                resolve_layout(self.parallel.layout, m.num_layers, stages)
+            except ValueError as e:
+                raise ConfigError(f"parallel.{e} (parallel.pp = {self.parallel.pp}, parallel.schedule = "
+                                  f"{self.parallel.schedule})") from None
         if moe.num_experts % self.parallel.ep:
             raise ConfigError(f"moe.num_experts = {moe.num_experts}: must be divisible by parallel.ep "
                               f"({self.parallel.ep})")

@@ -47,6 +47,12 @@ def _block(cfg, moe: bool) -> dict[str, tuple[int, int]]:
     return out
 
 
+def block_param_counts(cfg, moe: bool) -> tuple[int, int]:
+    """(total, activated) parameters of one dense or MoE block."""
+    parts = _block(cfg, moe)
+    return sum(t for t, _ in parts.values()), sum(a for _, a in parts.values())
+
+
 def _add(acc: dict, part: dict) -> None:
     for k, (t, a) in part.items():
         t0, a0 = acc.get(k, (0, 0))

@@ -23,6 +23,7 @@ Legend: N micro-batches per step (= train.grad_accum), E routed experts.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from parallel.data_parallel import ZeroAdamW
-from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
+from parallel.pipeline.layout import describe_layout
+from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_layout, ranks_of_stages
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
 from parallel.steps import in_context
 from model.batch import make_batch
 from trainer.config import ConfigError
+
+log = logging.getLogger("moepipe")
 
 
 @dataclass
@@ -177,6 +181,9 @@ def build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, 
     from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
     from trainer.loop import Run
     schedule = pipeline_schedule(cfg, topology)
+    layout = model_layout(cfg, schedule.placement.num_stages)
+    log.info("pipeline stages (%s, %s):\n%s", schedule.name, "parallel.layout" if cfg.parallel.layout else "even split",
+             describe_layout(layout, ranks_of_stages(schedule), cfg.mtp.depth))
     has_w = any(a.op == "W" for acts in schedule.compute for a in acts)
     # F&B pairs overlap their all-to-alls only when there are some (ep > 1)
     overlap = topology.ep > 1 and any(a.op == "FB" for acts in schedule.compute for a in acts)

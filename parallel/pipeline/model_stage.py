@@ -22,19 +22,15 @@ from model.transformer import build_model
 from parallel.steps import drain
 
 from .pieces import chunk_output, stage_steps
+from .layout import resolve_layout
 from .runtime import ChunkOutput
 from .schedules import Schedule
 from .split import SplitWeightProvider, WeightGradDeferral
 
 
-def stage_layers(num_layers: int, num_stages: int, stage: int) -> list[int]:
-    """Blocks of `stage` when num_layers are cut into num_stages contiguous, near-equal parts."""
-    if num_layers < num_stages:
-        raise ValueError(f"model.num_layers = {num_layers}: a pipeline of {num_stages} stages needs "
-                         f"at least one block per stage")
-    lo = stage * num_layers // num_stages
-    hi = (stage + 1) * num_layers // num_stages
-    return list(range(lo, hi))
+def model_layout(cfg, num_stages: int) -> list[list[int]]:
+    """Stage -> blocks of the run: `parallel.layout` when set, else the near-equal split."""
+    return resolve_layout(cfg.parallel.layout, cfg.model.num_layers, num_stages)
 
 
 class ModelChunk:
@@ -64,12 +60,18 @@ class ModelChunk:
 def rank_stages(cfg, schedule: Schedule, rank: int) -> list[tuple[int, list[int]]]:
     """(stage, blocks) of each local chunk of `rank`, in chunk order."""
     place = schedule.placement
-    S = place.num_stages
-    out = []
-    for c in range(place.chunks_per_rank):
-        stage = place.stage_of(rank, c)
-        out.append((stage, stage_layers(cfg.model.num_layers, S, stage)))
-    return out
+    layout = model_layout(cfg, place.num_stages)
+    return [(place.stage_of(rank, c), layout[place.stage_of(rank, c)]) for c in range(place.chunks_per_rank)]
+
+
+def ranks_of_stages(schedule: Schedule) -> list[list[int]]:
+    """For each stage, the pipeline ranks that hold it (two for DualPipe's two copies)."""
+    place = schedule.placement
+    out: list[list[int]] = [[] for _ in range(place.num_stages)]
+    for r in range(place.num_ranks):
+        for c in range(place.chunks_per_rank):
+            out[place.stage_of(r, c)].append(r)
+    return [sorted(set(rs)) for rs in out]
 
 
 def _split_provider(cfg, stages: list, num_stages: int, deferrals: list) -> SplitWeightProvider:

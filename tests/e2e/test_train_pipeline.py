@@ -108,3 +108,15 @@ def test_union_model_holds_the_stages_of_a_rank():
         if isinstance(mod, DeferrableLinear):
             want = chunks[0].deferral if name.startswith("layers.0.") else chunks[1].deferral
             assert mod.deferral is want, name
+
+
+def test_uneven_layout_trains_equal_to_one_process_and_is_logged(data_root, reference, tmp_path):
+    """parallel.layout = [1, 3] (block 0 with the embedding, blocks 1-3 with head and MTP) runs
+    the same steps as one process, and the stage -> blocks map is in train.log."""
+    out = str(tmp_path / "uneven")
+    got = pipeline_run(data_root, out, "1f1b", "checkpoint.every=0", "parallel.layout=[1,3]")
+    assert_matches(reference, got)
+    with open(os.path.join(out, "train.log")) as f:
+        text = f.read()
+    assert "stage 0 (rank 0): embedding + block 0\n" in text
+    assert "stage 1 (rank 1): blocks 1-3 + norm, head, MTP" in text

@@ -1,0 +1,51 @@
+"""python -m trainer.plan: the DeepSeek-V3 layout on 2,048 H800s, bad input lines, the table."""
+import pytest
+
+from trainer.config import load_config
+from trainer.plan import main
+from trainer.plan_hardware import GIB, gpu_kind
+from trainer.plan_layouts import Cluster, plan
+
+V3 = "configs/deepseek_v3_671b.yaml"
+
+
+def test_deepseek_v3_layout_fits_in_80gb_and_ranks_in_the_top_5(capsys):
+    """DeepSeek-V3 section 3.1: 2,048 H800 (8 per node), PP 16, EP 64 over 8 nodes, ZeRO-1 DP,
+    DualPipe, seq 4096, global batch 15,360."""
+    cfg = load_config(V3)
+    ranked, failed, _ = plan(cfg, Cluster(2048, 8, gpu_kind("h800"), 4096, 15360), top=5)
+    keys = [e.cand.key for e in ranked[:5]]
+    assert (16, 128, 64, "dualpipe") in keys, keys
+    v3 = ranked[keys.index((16, 128, 64, "dualpipe"))]
+    assert v3.fits and v3.total <= 80 * GIB
+    assert [len(b) for b in v3.cand.layout] != [4] * 16 and sum(len(b) for b in v3.cand.layout) == 61
+    assert v3.memory["weights"] > 0 and v3.memory["activations"] > 0 and 0 < v3.mfu < 1
+    assert all(not e.fits and "GiB >" in e.reason() for e in failed)
+
+
+def test_256_h100_says_which_fit_and_why_the_others_do_not(capsys):
+    assert main([V3, "--gpus", "256", "--gpu", "h100", "--global-batch", "1920", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layouts fit" in out and "do not fit" in out and "--set parallel.pp=" in out
+    reasons = [line for line in out.splitlines() if line.startswith("  pp ") and "GiB >" in line]
+    assert reasons and all(("alone need" in r) or ("activations" in r) for r in reasons)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--gpus", "64", "--gpu", "a100", "--global-batch", "64"], "--gpu a100: not in the hardware table; use one of h800"),
+    (["--gpus", "12", "--gpu", "h100", "--global-batch", "64"], "--gpus 12: whole nodes of --gpus-per-node 8"),
+    (["--gpus", "64", "--gpu", "h100", "--global-batch", "1001"], "--global-batch 1001: no data-parallel degree"),
+])
+def test_bad_input_is_one_line_naming_value_and_fix(capsys, args, expect):
+    assert main(["configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + expect) and "\n" not in err
+    assert "use " in err
+
+
+def test_tiny_plan_on_one_node_and_png(tmp_path, capsys):
+    png = tmp_path / "mem.png"
+    assert main(["configs/tiny.yaml", "--gpus", "8", "--gpu", "h200", "--seq", "256", "--global-batch", "64",
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "  1 " in out and png.stat().st_size > 1000
