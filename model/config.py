@@ -13,6 +13,8 @@ from config_fields import doc, require  # the one definition, shared by every co
 
 __all__ = ["AttentionConfig", "MTPConfig", "ModelConfig", "MoEConfig", "doc", "require"]
 
+GROUP_SCORES = ("auto", "max", "top2_sum")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -57,10 +59,6 @@ class AttentionConfig:
                 self.qk_rope_head_dim, "must be a positive even number (RoPE rotates pairs)")
         require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
 
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
 
 @dataclass(kw_only=True)
 class MoEConfig:
@@ -73,6 +71,9 @@ class MoEConfig:
     n_group: int = doc(4, "Expert groups (= nodes under expert parallelism) for group-limited routing.")
     topk_group: int = doc(2, "Groups M a token may reach (DeepSeek-V3: 4 of 8).")
     score_func: str = doc("sigmoid", "Affinity function: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2).")
+    group_score: str = doc("auto", "Score of an expert group for group-limited routing: max (the group's highest affinity, "
+                           "DeepSeek-V2), top2_sum (sum of its two highest biased affinities, DeepSeek-V3), or auto "
+                           "(max for softmax, top2_sum for sigmoid).")
     routed_scaling_factor: float = doc(1.0, "Gate weights are normalised to sum 1, then multiplied by this (DeepSeek-V3: 2.5).")
     normalize_weights: bool = doc(True, "Normalise the chosen experts' affinities to sum 1 (DeepSeek-V3: true; DeepSeek-V2 softmax gate: false).")
     bias_update_speed: float = doc(0.001, "gamma: per-step move of each expert's balancing bias; 0 disables aux-loss-free balancing.")
@@ -94,13 +95,18 @@ class MoEConfig:
                 "or some tokens could not be routed")
         require(self.score_func in ("sigmoid", "softmax"), "score_func", self.score_func,
                 "must be 'sigmoid' or 'softmax'")
+        require(self.group_score in GROUP_SCORES, "group_score", self.group_score,
+                "must be 'auto', 'max' or 'top2_sum'")
         require(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be positive")
         require(self.bias_update_speed >= 0, "bias_update_speed", self.bias_update_speed, "must be >= 0")
         require(self.seq_aux_loss_alpha >= 0, "seq_aux_loss_alpha", self.seq_aux_loss_alpha, "must be >= 0")
 
     @property
-    def experts_per_group(self) -> int:
-        return self.num_experts // self.n_group
+    def group_scoring(self) -> str:
+        """The group score in use: `group_score` with auto resolved by the model family."""
+        if self.group_score != "auto":
+            return self.group_score
+        return "max" if self.score_func == "softmax" else "top2_sum"
 
 
 @dataclass(kw_only=True)

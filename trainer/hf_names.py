@@ -112,18 +112,30 @@ def hf_config(cfg, torch_dtype: str, bos_id: int | None = None, eos_id: int | No
     if cfg.moe.score_func != "sigmoid":
         raise ValueError(f"moe.score_func = {cfg.moe.score_func!r}: the deepseek_v3 format only has "
                          "sigmoid gating; export a DeepSeek-V3-style (sigmoid) model")
-    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "topk_method": topk_method(cfg.moe)}
     for ours, hf in CONFIG:
         section, name = ours.split(".")
         out[hf] = getattr(getattr(cfg, section), name)
     att = cfg.attention
     out.update(
         q_lora_rank=att.q_lora_rank or None, num_key_value_heads=att.num_heads,
-        scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
+        scoring_func="sigmoid", moe_layer_freq=1, ep_size=1,
         hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_scaling=None,
         rope_interleave=True, seq_aux=cfg.moe.seq_aux_loss_alpha > 0, aux_loss_alpha=cfg.moe.seq_aux_loss_alpha,
         bos_token_id=bos_id, eos_token_id=eos_id, use_cache=True, torch_dtype=torch_dtype)
     return out
+
+
+def topk_method(moe) -> str:
+    """HF `topk_method` of our routing. DeepSeek-V3's `noaux_tc` scores a group by its top-2 biased
+    affinities; DeepSeek-V2's `group_limited_greedy` (group max) exists only with softmax gating,
+    which the deepseek_v3 format lacks. Without group limiting the group score plays no part."""
+    grouped = moe.n_group > 1 and moe.topk_group < moe.n_group
+    if grouped and moe.group_scoring != "top2_sum":
+        raise ValueError(f"moe.group_score = {moe.group_score!r} (groups scored by {moe.group_scoring}): the "
+                         "deepseek_v3 format (topk_method noaux_tc) scores groups by the top-2 sum; set "
+                         "moe.group_score=top2_sum, or moe.topk_group=moe.n_group")
+    return "noaux_tc"
 
 
 def overrides_from_hf(hf: dict) -> list[str]:
@@ -132,7 +144,8 @@ def overrides_from_hf(hf: dict) -> list[str]:
         raise ValueError(f"config.json model_type = {hf.get('model_type')!r}: expected 'deepseek_v3'")
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"config.json scoring_func/topk_method = {hf.get('scoring_func')}/{hf.get('topk_method')}: "
-                         "only sigmoid + noaux_tc (DeepSeek-V3) is supported")
+                         "only sigmoid + noaux_tc (DeepSeek-V3: groups scored by their top-2 sum) is "
+                         "supported; DeepSeek-V2's softmax + group_limited_greedy is not")
     if hf.get("rope_scaling") or (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise ValueError("config.json has rope scaling (YaRN): this model implements plain RoPE only; "
                          "import the pre-extension weights or drop rope_scaling knowingly")
@@ -145,6 +158,7 @@ def overrides_from_hf(hf: dict) -> list[str]:
             out.append(f"{ours}={hf[key]}")
     out.append(f"attention.q_lora_rank={hf.get('q_lora_rank') or 0}")
     out.append("moe.score_func=sigmoid")
+    out.append("moe.group_score=top2_sum")  # topk_method noaux_tc
     return out
 
 

@@ -154,8 +154,21 @@ def test_import_round_trip_is_exact(run, tmp_path):
     assert set(state["model"]) == set(ref)
     for k, v in ref.items():
         assert torch.equal(state["model"][k], v), k
-    fresh = build_model(load_config(os.path.join(out, "config.yaml")))
+    imported = load_config(os.path.join(out, "config.yaml"))
+    assert imported.moe.group_score == "top2_sum"  # from topk_method noaux_tc
+    fresh = build_model(imported)
     fresh.load_state_dict(state["model"])  # strict: the config rebuilt from config.json fits
+
+
+def test_export_writes_the_topk_method_of_the_group_score():
+    from trainer.hf_names import hf_config
+    for how in ("auto", "top2_sum"):
+        assert hf_config(load_config(None, TINY + [f"moe.group_score={how}"]), "float32")["topk_method"] == "noaux_tc"
+    with pytest.raises(ValueError, match=r"moe.group_score = 'max'.*set moe.group_score=top2_sum"):
+        hf_config(load_config(None, TINY + ["moe.group_score=max"]), "float32")
+    # without group limiting the group score plays no part: noaux_tc is exact
+    ungrouped = load_config(None, TINY + ["moe.group_score=max", "moe.topk_group=4"])
+    assert hf_config(ungrouped, "float32")["topk_method"] == "noaux_tc"
 
 
 def test_bf16_sharded_export(run, tmp_path):
@@ -235,6 +248,9 @@ def test_import_rejects_bad_checkpoints(run, tmp_path):
     softmax = json.loads(cfg_json) | {"scoring_func": "softmax"}
     with pytest.raises(ValueError, match="sigmoid"):
         import_state(variant("softmax", t, json.dumps(softmax)), overrides=SEQ)
+    v2_gate = json.loads(cfg_json) | {"topk_method": "group_limited_greedy"}
+    with pytest.raises(ValueError, match="group_limited_greedy"):
+        import_state(variant("v2_gate", t, json.dumps(v2_gate)), overrides=SEQ)
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "config.json").write_text(cfg_json)
     (tmp_path / "garbage" / "model.safetensors").write_bytes(os.urandom(2000))
