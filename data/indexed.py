@@ -3,8 +3,8 @@
 Written with megatron-core's `IndexedDatasetBuilder` and read with its `IndexedDataset`
 (both run on CPU). One packed sequence = one Megatron sequence = one Megatron document, so
 Megatron tools see a plain indexed dataset. Padding is not stored: a sequence holds only its
-tokens (<= L); the reader pads. Document boundaries inside each sequence (cu_seqlens-style,
-issue 3) go beside it:
+tokens (<= L); the reader pads. Document boundaries inside each sequence (cu_seqlens-style)
+go beside it:
   PREFIX.doclens.npy          int32 [total pieces]  lengths of the document pieces, in order
   PREFIX.doclens_offsets.npy  int64 [n + 1]         sequence i owns doclens[off[i]:off[i+1]]
 The .idx layout (documented in megatron-core): magic b"MMIDIDX\\x00\\x00", u64 version 1,

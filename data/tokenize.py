@@ -4,7 +4,7 @@
   (DeepSeek-V3 report section 4.1: byte-level BPE, 128K vocabulary, digits split into groups of
   at most 3, CJK runs isolated).
 - `bpe:N`: an N-token byte-level BPE trained with `tokenizers` on the prepared corpus, using the
-  same pre-tokenizer as DeepSeek-V3 (a 129k head dominates a tiny CPU model; issue 2).
+  same pre-tokenizer as DeepSeek-V3 (a 129k head dominates a tiny CPU model).
 - any path to a tokenizer.json.
 
 Fast path: a byte-level BPE whose merge order equals its token-id order can be run by tiktoken

@@ -27,7 +27,7 @@ class MLA(nn.Module):
         super().__init__()
         self.H, self.N, self.R, self.V = att.num_heads, att.qk_nope_head_dim, att.qk_rope_head_dim, att.v_head_dim
         self.C = att.kv_lora_rank
-        self.scale = 1.0 / math.sqrt(self.N + self.R)
+        self.scale = att.softmax_scale  # 1/sqrt(N + R), YaRN-corrected when the context is extended
         lin = lambda i, o: provider.linear(i, o, kind="attention", layer=layer)  # noqa: E731
         q_out = self.H * (self.N + self.R)
         if att.q_lora_rank > 0:

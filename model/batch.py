@@ -30,17 +30,6 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def split(self, n: int) -> list["Batch"]:
-        """n micro-batches along the batch dim (B must be divisible by n)."""
-        B = self.tokens.shape[0]
-        if B % n:
-            raise ValueError(f"cannot split a batch of {B} rows into {n} equal micro-batches")
-        parts = {f.name: getattr(self, f.name).chunk(n) for f in fields(self)}
-        return [Batch(**{k: v[i] for k, v in parts.items()}) for i in range(n)]
-
-    @property
-    def num_label_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
 
 
 def _row_meta(doc_lens, L: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,11 +7,22 @@ checks live in `trainer.config.Config.validate`. Pure stdlib: no torch here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from config_fields import doc, require  # the one definition, shared by every component config
 
 __all__ = ["AttentionConfig", "MTPConfig", "ModelConfig", "MoEConfig", "doc", "require"]
+
+GROUP_SCORES = ("auto", "max", "top2_sum")
+# YaRN keys as DeepSeek-V3's released config.json names them, with the defaults of its reference code
+YARN_DEFAULTS = {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """sqrt(t) of YaRN (arXiv 2309.00071, section 3.4): 0.1 * mscale * ln(s) + 1, and 1 for s <= 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclass(kw_only=True)
@@ -48,6 +59,9 @@ class AttentionConfig:
     qk_rope_head_dim: int = doc(16, "Per-head decoupled RoPE dims d_h^R; the rope key is shared by all heads.")
     v_head_dim: int = doc(32, "Per-head value dims.")
     rope_theta: float = doc(10000.0, "RoPE base frequency.")
+    rope_scaling: dict = doc({}, "YaRN context extension of the decoupled rope key (DeepSeek-V3 section 4.3), "
+                             "e.g. {type: yarn, factor: 40, original_max_position_embeddings: 4096, beta_fast: 32, "
+                             "beta_slow: 1, mscale: 1.0, mscale_all_dim: 1.0}; empty = plain RoPE.")
 
     def __post_init__(self):
         for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
@@ -56,10 +70,44 @@ class AttentionConfig:
         require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
                 self.qk_rope_head_dim, "must be a positive even number (RoPE rotates pairs)")
         require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if not rs:
+            return
+        unknown = sorted(set(rs) - set(YARN_DEFAULTS) - {"type"})
+        require(not unknown, "rope_scaling", rs, f"unknown keys {unknown}; known: type, {', '.join(YARN_DEFAULTS)}")
+        require(rs.get("type", "yarn") == "yarn", "rope_scaling.type", rs.get("type"), "only 'yarn' is implemented")
+        for key in ("factor", "original_max_position_embeddings"):
+            require(key in rs, f"rope_scaling.{key}", None, "is required for YaRN")
+        for key in YARN_DEFAULTS:
+            value = rs.get(key, 0)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                    f"rope_scaling.{key}", value, "must be a number")
+        require(rs["factor"] >= 1, "rope_scaling.factor", rs["factor"],
+                "must be >= 1 (the extended context over the original one); 1 leaves RoPE unchanged")
+        require(rs["original_max_position_embeddings"] > 0, "rope_scaling.original_max_position_embeddings",
+                rs["original_max_position_embeddings"], "must be positive (the pre-extension context)")
+        require(rs.get("beta_fast", 32.0) > rs.get("beta_slow", 1.0) > 0, "rope_scaling.beta_slow",
+                rs.get("beta_slow"), "must be positive and below beta_fast")
 
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+    def yarn(self) -> dict | None:
+        """The YaRN parameters with defaults filled in, or None for plain RoPE."""
+        if not self.rope_scaling:
+            return None
+        return {k: self.rope_scaling.get(k, v) for k, v in YARN_DEFAULTS.items()}
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk head dim); under YaRN times t = mscale(s, mscale_all_dim)^2, the attention-temperature
+        correction DeepSeek's released attention applies to the softmax scale rather than to q and k."""
+        scale = 1.0 / math.sqrt(self.qk_nope_head_dim + self.qk_rope_head_dim)
+        y = self.yarn
+        if y and y["mscale_all_dim"]:
+            scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
+        return scale
 
 
 @dataclass(kw_only=True)
@@ -73,6 +121,9 @@ class MoEConfig:
     n_group: int = doc(4, "Expert groups (= nodes under expert parallelism) for group-limited routing.")
     topk_group: int = doc(2, "Groups M a token may reach (DeepSeek-V3: 4 of 8).")
     score_func: str = doc("sigmoid", "Affinity function: sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2).")
+    group_score: str = doc("auto", "Score of an expert group for group-limited routing: max (the group's highest affinity, "
+                           "DeepSeek-V2), top2_sum (sum of its two highest biased affinities, DeepSeek-V3), or auto "
+                           "(max for softmax, top2_sum for sigmoid).")
     routed_scaling_factor: float = doc(1.0, "Gate weights are normalised to sum 1, then multiplied by this (DeepSeek-V3: 2.5).")
     normalize_weights: bool = doc(True, "Normalise the chosen experts' affinities to sum 1 (DeepSeek-V3: true; DeepSeek-V2 softmax gate: false).")
     bias_update_speed: float = doc(0.001, "gamma: per-step move of each expert's balancing bias; 0 disables aux-loss-free balancing.")
@@ -94,13 +145,18 @@ class MoEConfig:
                 "or some tokens could not be routed")
         require(self.score_func in ("sigmoid", "softmax"), "score_func", self.score_func,
                 "must be 'sigmoid' or 'softmax'")
+        require(self.group_score in GROUP_SCORES, "group_score", self.group_score,
+                "must be 'auto', 'max' or 'top2_sum'")
         require(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be positive")
         require(self.bias_update_speed >= 0, "bias_update_speed", self.bias_update_speed, "must be >= 0")
         require(self.seq_aux_loss_alpha >= 0, "seq_aux_loss_alpha", self.seq_aux_loss_alpha, "must be >= 0")
 
     @property
-    def experts_per_group(self) -> int:
-        return self.num_experts // self.n_group
+    def group_scoring(self) -> str:
+        """The group score in use: `group_score` with auto resolved by the model family."""
+        if self.group_score != "auto":
+            return self.group_score
+        return "max" if self.score_func == "softmax" else "top2_sum"
 
 
 @dataclass(kw_only=True)

@@ -2,8 +2,10 @@
 
 1. Affinities s = sigmoid(u W_gate^T) (DeepSeek-V3) or softmax (DeepSeek-V2), in fp32.
 2. Selection: top-K of (s + b), b the per-expert balancing bias, after group limiting: experts
-   sit in n_group groups (= nodes under expert parallelism); a group's score is the sum of its
-   top-2 biased affinities; only the topk_group best groups are eligible ("node-limited").
+   sit in n_group groups (= nodes under expert parallelism); only the topk_group best groups are
+   eligible ("node-limited"). A group's score is the sum of its top-2 biased affinities in
+   DeepSeek-V3 (`top2_sum`), its highest affinity in DeepSeek-V2's device-limited routing
+   (DeepSeek-V2 section 2.2.2, `max`); DeepSeek's released gates score groups the same ways.
 3. Gate weights: the *unbiased* s of the chosen experts, normalised to sum 1 (eq. 13), times
    routed_scaling_factor. The bias changes selection only, never the weights.
 4. Auxiliary-loss-free balancing: after each step b_i += gamma * sign(mean load - load_i).
@@ -27,14 +29,22 @@ def affinities(logits_TE: Tensor, score_func: str) -> Tensor:
     raise ValueError(f"moe.score_func = {score_func!r}: must be 'sigmoid' or 'softmax'")
 
 
-def group_limited_topk(scores_TE: Tensor, bias_E: Tensor, topk: int, n_group: int, topk_group: int) -> Tensor:
+def group_scores(grouped_TGe: Tensor, how: str) -> Tensor:
+    """Score [T,G] of each group from its (biased) affinities [T,G,E/G]: `max` or `top2_sum`."""
+    if how == "max":
+        return grouped_TGe.amax(dim=-1)
+    assert how == "top2_sum", how
+    return grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+
+
+def group_limited_topk(scores_TE: Tensor, bias_E: Tensor, topk: int, n_group: int, topk_group: int,
+                       group_score: str = "top2_sum") -> Tensor:
     """Indices [T,K] of the chosen experts: top-K of s + b among the topk_group best groups."""
     T, E = scores_TE.shape
     biased = scores_TE.detach() + bias_E.to(scores_TE.dtype)
     if n_group > 1 and topk_group < n_group:
         grouped_TGe = biased.view(T, n_group, E // n_group)
-        top = min(2, E // n_group)
-        group_score_TG = grouped_TGe.topk(top, dim=-1).values.sum(-1)
+        group_score_TG = group_scores(grouped_TGe, group_score)
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
         keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
         keep_TE = keep_TG[:, :, None].expand_as(grouped_TGe).reshape(T, E)
@@ -103,5 +113,5 @@ class Router(nn.Module):
         """Returns (ids [T,K], weights [T,K] fp32, affinities [T,E] fp32)."""
         m = self.moe
         scores = affinities(self.gate(x_TD), m.score_func)
-        ids = group_limited_topk(scores, self.bias, m.topk, m.n_group, m.topk_group)
+        ids = group_limited_topk(scores, self.bias, m.topk, m.n_group, m.topk_group, m.group_scoring)
         return ids, gate_weights(scores, ids, m.normalize_weights, m.routed_scaling_factor), scores

@@ -133,7 +133,7 @@ class DeepSeekV3(StageForward):
             self.mtp = nn.ModuleList([
                 MTPModule(cfg, provider, dispatcher, layer=m.num_layers + k, moe_index=slot.get(f"mtp.{k}.block"))
                 for k in range(cfg.mtp.depth)])
-        cos, sin = rope_tables(cfg.attention.qk_rope_head_dim, m.max_seq_len, cfg.attention.rope_theta)
+        cos, sin = rope_tables(cfg.attention.qk_rope_head_dim, m.max_seq_len, cfg.attention.rope_theta, yarn=cfg.attention.yarn)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -45,10 +45,6 @@ class CommStats:
     def reset(self) -> None:
         self.cross_node_rows = self.intra_node_rows = self.cross_node_bytes = self.intra_node_bytes = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(cross_node_rows=self.cross_node_rows, intra_node_rows=self.intra_node_rows,
-                    cross_node_bytes=self.cross_node_bytes, intra_node_bytes=self.intra_node_bytes)
-
 
 def exchange_counts(send_counts: list[int], group) -> list[int]:
     """Each member tells every other how many rows it will send it (one tiny all-to-all)."""
@@ -126,8 +122,3 @@ def start_exchange(tensors: list[Tensor], send_counts: list[int], group) -> Pend
     recv_counts = exchange_counts(send_counts, group)
     return PendingExchange(tensors, send_counts, recv_counts, group)
 
-
-def exchange(tensors: list[Tensor], send_counts: list[int], group) -> tuple[list[Tensor], list[int]]:
-    """Blocking convenience form: (received tensors, counts received from each member)."""
-    pending = start_exchange(tensors, send_counts, group)
-    return pending.finish(), pending.recv_counts

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# moepipe's Slurm launch logic, sourced by slurm/train.sbatch and slurm/sweep.sbatch (issue 7).
+# moepipe's Slurm launch logic, sourced by slurm/train.sbatch and slurm/sweep.sbatch.
 #
 # One torchrun per node (srun --ntasks-per-node=1), c10d rendezvous at the job's first node,
 # the trainer as `torchrun -m trainer.train CONFIG --set ...`. Preemption: Slurm sends USR1 to

@@ -150,6 +150,11 @@ class Config:
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len = {self.data.seq_len}: must be <= model.max_seq_len "
                               f"({m.max_seq_len}); raise model.max_seq_len or lower data.seq_len")
+        if a.yarn and a.yarn["original_max_position_embeddings"] > m.max_seq_len:
+            raise ConfigError(f"attention.rope_scaling.original_max_position_embeddings = "
+                              f"{a.yarn['original_max_position_embeddings']}: must be <= model.max_seq_len "
+                              f"({m.max_seq_len}); set it to the pre-extension context and model.max_seq_len "
+                              "to the extended one")
         if self.parallel.pp > 1 and self.parallel.schedule in ("dualpipe", "dualpipev") \
                 and self.train.grad_accum < 2 * self.parallel.pp:
             raise ConfigError(f"train.grad_accum = {self.train.grad_accum}: {self.parallel.schedule} needs at "

@@ -17,6 +17,8 @@ hold the rest. Both directions read the same rows:
 - RoPE: we rotate interleaved pairs, as DeepSeek's weights expect; HF's `rope_interleave: true`
   does the same rotation and only permutes the output dims of both q and k, so q.k is unchanged
   and the weights need no permutation.
+- YaRN: `attention.rope_scaling` is config.json's `rope_scaling` (type yarn) with the same key
+  names; transformers reads it into the rotary tables and the softmax scale as we do.
 - transformers builds q_a_layernorm/kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says;
   we use model.norm_eps everywhere, so logits match exactly only for norm_eps = 1e-6 (the default).
 - transformers' DeepseekV3ForCausalLM does not run the MTP layer (it drops layer 61 on load and
@@ -26,6 +28,7 @@ Legend: E routed experts, F expert FFN size, D hidden size.
 """
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -112,18 +115,46 @@ def hf_config(cfg, torch_dtype: str, bos_id: int | None = None, eos_id: int | No
     if cfg.moe.score_func != "sigmoid":
         raise ValueError(f"moe.score_func = {cfg.moe.score_func!r}: the deepseek_v3 format only has "
                          "sigmoid gating; export a DeepSeek-V3-style (sigmoid) model")
-    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "topk_method": topk_method(cfg.moe)}
     for ours, hf in CONFIG:
         section, name = ours.split(".")
         out[hf] = getattr(getattr(cfg, section), name)
     att = cfg.attention
     out.update(
         q_lora_rank=att.q_lora_rank or None, num_key_value_heads=att.num_heads,
-        scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
-        hidden_act="silu", attention_bias=False, attention_dropout=0.0, rope_scaling=None,
+        scoring_func="sigmoid", moe_layer_freq=1, ep_size=1,
+        hidden_act="silu", attention_bias=False, attention_dropout=0.0,
+        rope_scaling={"type": "yarn", **att.yarn} if att.yarn else None,
         rope_interleave=True, seq_aux=cfg.moe.seq_aux_loss_alpha > 0, aux_loss_alpha=cfg.moe.seq_aux_loss_alpha,
         bos_token_id=bos_id, eos_token_id=eos_id, use_cache=True, torch_dtype=torch_dtype)
     return out
+
+
+def topk_method(moe) -> str:
+    """HF `topk_method` of our routing. DeepSeek-V3's `noaux_tc` scores a group by its top-2 biased
+    affinities; DeepSeek-V2's `group_limited_greedy` (group max) exists only with softmax gating,
+    which the deepseek_v3 format lacks. Without group limiting the group score plays no part."""
+    grouped = moe.n_group > 1 and moe.topk_group < moe.n_group
+    if grouped and moe.group_scoring != "top2_sum":
+        raise ValueError(f"moe.group_score = {moe.group_score!r} (groups scored by {moe.group_scoring}): the "
+                         "deepseek_v3 format (topk_method noaux_tc) scores groups by the top-2 sum; set "
+                         "moe.group_score=top2_sum, or moe.topk_group=moe.n_group")
+    return "noaux_tc"
+
+
+def yarn_from_hf(hf: dict) -> dict:
+    """attention.rope_scaling of an HF config.json: its `rope_scaling` (or newer `rope_parameters`)
+    of type yarn, as DeepSeek-V3's release writes it; {} for plain RoPE."""
+    rs = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    kind = rs.pop("type", None) or rs.pop("rope_type", None) or "default"
+    rs.pop("rope_type", None)
+    rs.pop("rope_theta", None)
+    if kind == "default" and not rs:
+        return {}
+    if kind != "yarn":
+        raise ValueError(f"config.json rope_scaling type = {kind!r}: only yarn (DeepSeek-V3's long-context "
+                         "extension) is implemented")
+    return rs
 
 
 def overrides_from_hf(hf: dict) -> list[str]:
@@ -132,10 +163,8 @@ def overrides_from_hf(hf: dict) -> list[str]:
         raise ValueError(f"config.json model_type = {hf.get('model_type')!r}: expected 'deepseek_v3'")
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"config.json scoring_func/topk_method = {hf.get('scoring_func')}/{hf.get('topk_method')}: "
-                         "only sigmoid + noaux_tc (DeepSeek-V3) is supported")
-    if hf.get("rope_scaling") or (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise ValueError("config.json has rope scaling (YaRN): this model implements plain RoPE only; "
-                         "import the pre-extension weights or drop rope_scaling knowingly")
+                         "only sigmoid + noaux_tc (DeepSeek-V3: groups scored by their top-2 sum) is "
+                         "supported; DeepSeek-V2's softmax + group_limited_greedy is not")
     out = []
     hf = dict(hf)
     if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
@@ -143,8 +172,12 @@ def overrides_from_hf(hf: dict) -> list[str]:
     for ours, key in CONFIG:
         if hf.get(key) is not None:
             out.append(f"{ours}={hf[key]}")
+    yarn = yarn_from_hf(hf)
+    if yarn:
+        out.append(f"attention.rope_scaling={json.dumps(yarn)}")
     out.append(f"attention.q_lora_rank={hf.get('q_lora_rank') or 0}")
     out.append("moe.score_func=sigmoid")
+    out.append("moe.group_score=top2_sum")  # topk_method noaux_tc
     return out
 
 

@@ -1,6 +1,6 @@
 """Import a Hugging Face DeepSeek-V3 checkpoint: `python -m trainer.import_hf HF_DIR OUT_CHECKPOINT`.
 
-(The issue names it `trainer.import`; `import` is a Python keyword, so the module is `import_hf`.)
+(Not `trainer.import`: `import` is a Python keyword, so the module is `import_hf`.)
 Reads config.json (architecture -> `model`/`attention`/`moe`/`mtp` overrides, see
 `trainer.hf_names.CONFIG`) and the safetensors shards, maps the names back (stacking per-expert
 weights, un-swapping `eh_proj`), checks every tensor's shape against a model built from the

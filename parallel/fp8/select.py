@@ -1,4 +1,4 @@
-"""Choosing the FP8 backend: te, torch or emulate (issue 6; DeepSeek-V3 report section 3.3).
+"""Choosing the FP8 backend: te, torch or emulate (DeepSeek-V3 report section 3.3).
 
 `auto` takes Transformer Engine if it imports and supports the recipe on this GPU, else PyTorch's
 scaled matmuls on a capable GPU, else the CPU emulation; the choice and the reasons the better

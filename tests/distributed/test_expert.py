@@ -5,6 +5,7 @@ MoE layer of the tiny model sharded over ep ranks matches the unsharded layer.
 Tolerances: fp32 throughout; only the summation order of the K expert outputs (and of gradient
 contributions) differs from the single-process reference, so atol = rtol = 1e-5.
 """
+import dataclasses
 import types
 
 import pytest
@@ -64,7 +65,7 @@ def _dispatcher_case(rank, world, ep, rpn, node_limited):
         ref = grads_ref[name].clone()
         torch.distributed.all_reduce(ref, group=topo.group("ep"))
         torch.testing.assert_close(p.grad, ref[off:off + n], **TOL)
-    return disp.stats.as_dict(), ids[mine].tolist()
+    return dataclasses.asdict(disp.stats), ids[mine].tolist()
 
 
 def _expected_rows(ids_rows, rank, ep, rpn, per_node):

@@ -1,4 +1,4 @@
-"""A throwaway single-host Slurm with two emulated nodes, for the launch tests (issue 7).
+"""A throwaway single-host Slurm with two emulated nodes, for the launch tests.
 
 Debian's slurm-wlm runs several slurmd on one host when each has its own NodeName and port
 (`slurmd -N n1` on 17001, `-N n2` on 17002; %n in the spool/pid/log paths). Nothing is started
@@ -28,7 +28,7 @@ HOSTS_LINE = "127.0.0.1 n1 n2  # moepipe-test-slurm\n"
 
 
 class SlurmUnavailable(RuntimeError):
-    """Slurm cannot be installed or started here (not root, no apt, no network)."""
+    """slurm-wlm is missing and cannot be installed here (not root, no apt, no network)."""
 
 
 def ensure_installed(timeout: float = 300) -> None:
@@ -147,7 +147,7 @@ class SlurmCluster:
     def _daemon(self, cmd: list[str], pidfile: str) -> None:
         res = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
         if res.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
         self._pids.append(_read_pid(os.path.join(self.root, pidfile), 15))
 
     def _wait_idle(self, timeout: float) -> None:
@@ -159,7 +159,7 @@ class SlurmCluster:
             if set(states) == set(NODES) and all(s == "idle" for s in states.values()):
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"nodes did not become idle in {timeout:.0f}s: {out!r}; see {self.root}/*.log")
+        raise RuntimeError(f"nodes did not become idle in {timeout:.0f}s: {out!r}; see {self.root}/*.log")
 
     # -- clients ---------------------------------------------------------------------------
     def run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -196,7 +196,7 @@ def _read_pid(path: str, timeout: float) -> int:
                 return int(f.read().strip())
         except (OSError, ValueError):
             time.sleep(0.1)
-    raise SlurmUnavailable(f"no pid file {path} after {timeout:.0f}s")
+    raise RuntimeError(f"no pid file {path} after {timeout:.0f}s")
 
 
 def _kill(pid: int, timeout: float = 10) -> None:

@@ -1,4 +1,4 @@
-"""A stand-in for `trainer.train` that keeps its launch contract, for testing slurm/ (issue 7).
+"""A stand-in for `trainer.train` that keeps its launch contract, for testing slurm/.
 
 It reads the same config and overrides, joins every torchrun rank in one gloo group (so a
 2-node rendezvous is really exercised), "trains" by sleeping `FAKE_STEP_SECONDS` per step,

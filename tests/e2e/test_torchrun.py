@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node N -m trainer.train CONFIG` on one node (issue 7), on the tiny config."""
+"""`torchrun --nproc-per-node N -m trainer.train CONFIG` on one node, on the tiny config."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from tests.e2e.test_slurm import NOT_WIRED, REAL, _trainer_missing
+from tests.e2e.test_slurm import REAL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.skipif(_trainer_missing() is not None, reason=str(_trainer_missing()))
 
 
 def torchrun(nproc: int, out: str) -> subprocess.CompletedProcess:
@@ -24,8 +23,6 @@ def torchrun(nproc: int, out: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_torchrun_single_node(tmp_path, nproc):
     res = torchrun(nproc, str(tmp_path / "run"))
-    if nproc > 1 and res.returncode != 0 and NOT_WIRED in res.stderr:
-        pytest.skip("multi-rank training is not wired into trainer.train yet")
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "run" / "train.log") as f:
         assert re.search(r"step +2/2 \| loss", f.read())

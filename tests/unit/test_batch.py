@@ -18,7 +18,6 @@ def test_positions_segments_labels():
     assert b.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0], list(range(9))]
     assert b.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, -1], [0] * 9]
     assert b.labels.tolist() == [[2, 3, 4, 5, X, 7, 8, X, X], [8, 7, 6, 5, 4, 3, 2, 1, X]]
-    assert b.num_label_tokens == 6 + 8
     assert b.tokens.dtype == b.positions.dtype == b.segment_ids.dtype == b.labels.dtype == torch.long
 
 
@@ -30,15 +29,11 @@ def test_mtp_targets_shift_and_mask_at_document_end():
     assert (mtp_labels(b, 20) == X).all()
 
 
-def test_doc_lens_none_split_and_errors():
+def test_doc_lens_none_and_errors():
     tokens = torch.arange(12).view(2, 6)
     b = make_batch(tokens, None)
     assert b.positions.tolist() == [list(range(6))] * 2 and (b.segment_ids == 0).all()
-    parts = b.split(2)
-    assert len(parts) == 2 and parts[1].tokens.tolist() == [[6, 7, 8, 9, 10, 11]]
     with pytest.raises(ValueError, match="row length 6"):
         make_batch(tokens, [[4, 3], [6]])
     with pytest.raises(ValueError, match="doc_lens has 1 rows"):
         make_batch(tokens, [[6]])
-    with pytest.raises(ValueError, match="equal micro-batches"):
-        b.split(4)

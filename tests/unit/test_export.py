@@ -154,8 +154,21 @@ def test_import_round_trip_is_exact(run, tmp_path):
     assert set(state["model"]) == set(ref)
     for k, v in ref.items():
         assert torch.equal(state["model"][k], v), k
-    fresh = build_model(load_config(os.path.join(out, "config.yaml")))
+    imported = load_config(os.path.join(out, "config.yaml"))
+    assert imported.moe.group_score == "top2_sum"  # from topk_method noaux_tc
+    fresh = build_model(imported)
     fresh.load_state_dict(state["model"])  # strict: the config rebuilt from config.json fits
+
+
+def test_export_writes_the_topk_method_of_the_group_score():
+    from trainer.hf_names import hf_config
+    for how in ("auto", "top2_sum"):
+        assert hf_config(load_config(None, TINY + [f"moe.group_score={how}"]), "float32")["topk_method"] == "noaux_tc"
+    with pytest.raises(ValueError, match=r"moe.group_score = 'max'.*set moe.group_score=top2_sum"):
+        hf_config(load_config(None, TINY + ["moe.group_score=max"]), "float32")
+    # without group limiting the group score plays no part: noaux_tc is exact
+    ungrouped = load_config(None, TINY + ["moe.group_score=max", "moe.topk_group=4"])
+    assert hf_config(ungrouped, "float32")["topk_method"] == "noaux_tc"
 
 
 def test_bf16_sharded_export(run, tmp_path):
@@ -235,6 +248,9 @@ def test_import_rejects_bad_checkpoints(run, tmp_path):
     softmax = json.loads(cfg_json) | {"scoring_func": "softmax"}
     with pytest.raises(ValueError, match="sigmoid"):
         import_state(variant("softmax", t, json.dumps(softmax)), overrides=SEQ)
+    v2_gate = json.loads(cfg_json) | {"topk_method": "group_limited_greedy"}
+    with pytest.raises(ValueError, match="group_limited_greedy"):
+        import_state(variant("v2_gate", t, json.dumps(v2_gate)), overrides=SEQ)
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "config.json").write_text(cfg_json)
     (tmp_path / "garbage" / "model.safetensors").write_bytes(os.urandom(2000))
@@ -269,3 +285,53 @@ def test_manifest_cannot_point_outside(tmp_path):
     json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
     with pytest.raises(ckpt.CheckpointError, match="step 4"):
         ckpt.read_checkpoint(path)
+
+
+YARN = '{type: yarn, factor: 4, original_max_position_embeddings: 8, beta_fast: 32, beta_slow: 1, mscale: 1.0, mscale_all_dim: 0.8}'
+
+
+def test_yarn_model_matches_transformers_beyond_the_original_context(tmp_path):
+    """Context 8 extended 4x to 32: logits at positions 0..23 equal DeepseekV3ForCausalLM's (fp32, 1e-4
+    relative), with mscale != mscale_all_dim so both the table amplitude and the softmax scale count."""
+    transformers = pytest.importorskip("transformers")
+    cfg = load_config(None, TINY + ["mtp.depth=0", f"attention.rope_scaling={YARN}",
+                                    f"data.output_dir={tmp_path / 'nodata'}"])
+    model = build_model(cfg).eval()
+    path = ckpt.write_checkpoint(str(tmp_path / "ckpt"), 1, {"step": 1, "model": model.state_dict()}, dump_yaml(cfg), 2)
+    hf_dir = str(tmp_path / "hf")
+    assert export_main([path, hf_dir, "--dtype", "fp32"]) == 0
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        rope = json.load(f)["rope_scaling"]
+    assert rope == {"type": "yarn", "factor": 4, "original_max_position_embeddings": 8, "beta_fast": 32,
+                    "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+
+    def hf_logits(directory):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+                directory, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            return hf(tokens).logits
+
+    tokens = _tokens(length=24)
+    ours = _main_logits(model, tokens)
+    theirs = hf_logits(hf_dir)
+    assert (theirs - ours).abs().max() <= 1e-4 * ours.abs().max()
+    # YaRN really acts: the same weights with plain RoPE give other logits past the original context
+    plain = build_model(load_config(None, TINY + ["mtp.depth=0", f"data.output_dir={tmp_path / 'nodata'}"])).eval()
+    plain.load_state_dict(model.state_dict())
+    assert (_main_logits(plain, tokens)[:, 8:] - ours[:, 8:]).abs().max() > 1e-3
+    # import reads rope_scaling back
+    imported, _ = import_state(hf_dir, overrides=SEQ)
+    assert imported.attention.yarn == cfg.attention.yarn
+
+
+def _main_logits(model, tokens):
+    batch = make_batch(tokens.numpy(), [np.array([tokens.shape[1]], dtype=np.int32)] * tokens.shape[0],
+                       torch.device("cpu"))
+    with torch.no_grad():
+        ctx = model.make_context(batch)
+        h = model.embed_tokens(batch)
+        for i in model.owned:
+            h = model.layers[str(i)](h, ctx)
+        return model.head(model.norm(h))

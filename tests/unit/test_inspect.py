@@ -53,7 +53,7 @@ def test_flops_per_token_formula():
     a, m = cfg.attention, cfg.model
     n = param_counts(cfg)["main_activated_no_embed"]
     L = 256
-    attn = 6 * m.num_layers * a.num_heads * (a.qk_head_dim + a.v_head_dim) * (L + 1) / 2
+    attn = 6 * m.num_layers * a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * (L + 1) / 2
     assert flops_per_token(cfg, L) == pytest.approx(6 * n + attn)
     assert attention_context(4, [[4]]) == pytest.approx(2.5)
     assert attention_context(4, [[2, 2]]) == pytest.approx(1.5)  # documents shorten the context

@@ -89,7 +89,7 @@ def test_latent_cache_size():
     c_kv, k_r = mla.compress_kv(torch.randn(1, 5, cfg.model.hidden_size), make_context(batch, cos, sin, 0, 1))
     assert c_kv.shape[-1] + k_r.shape[-1] == mla.cache_dim
     # much smaller than the per-head keys and values standard MHA would cache
-    assert mla.cache_dim < a.num_heads * (a.qk_head_dim + a.v_head_dim)
+    assert mla.cache_dim < a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
 
 
 def _logits(model, batch):

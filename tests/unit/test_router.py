@@ -8,31 +8,74 @@ from model.router import (affinities, expert_counts, gate_weights, group_limited
                                   seq_balance_loss, update_bias)
 
 
-def brute_force(scores, bias, topk, n_group, topk_group):
-    """Per token: try every allowed set of groups, keep the best by group score, then top-K."""
+def brute_force(scores, bias, topk, n_group, topk_group, group_score="top2_sum"):
+    """Per token: score every group (its best biased affinity, or the sum of its best two), try every
+    allowed set of groups, keep the best by total group score, then top-K inside it."""
     T, E = scores.shape
     per = E // n_group
     ids = []
     for t in range(T):
         b = [float(scores[t, e] + bias[e]) for e in range(E)]
-        gscore = [sum(sorted(b[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+        best_first = [sorted(b[g * per:(g + 1) * per], reverse=True) for g in range(n_group)]
+        gscore = [g[0] if group_score == "max" else sum(g[:2]) for g in best_first]
         best = max(itertools.combinations(range(n_group), topk_group), key=lambda gs: sum(gscore[g] for g in gs))
         eligible = [e for e in range(E) if e // per in best]
         ids.append(sorted(sorted(eligible, key=lambda e: -b[e])[:topk]))
     return ids
 
 
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
 @pytest.mark.parametrize("E,topk,n_group,topk_group", [(16, 4, 4, 2), (32, 8, 8, 4), (8, 2, 1, 1), (12, 2, 6, 1), (12, 3, 6, 2)])
-def test_group_limited_topk_matches_brute_force(E, topk, n_group, topk_group):
+def test_group_limited_topk_matches_brute_force(E, topk, n_group, topk_group, group_score):
     g = torch.Generator().manual_seed(E + topk)
     scores = torch.rand(64, E, generator=g)
     bias = torch.randn(E, generator=g) * 0.1
-    ids = group_limited_topk(scores, bias, topk, n_group, topk_group)
+    ids = group_limited_topk(scores, bias, topk, n_group, topk_group, group_score)
     assert ids.shape == (64, topk)
     got = [sorted(row) for row in ids.tolist()]
-    assert got == brute_force(scores, bias, topk, n_group, topk_group)
+    assert got == brute_force(scores, bias, topk, n_group, topk_group, group_score)
     groups_used = {len({e // (E // n_group) for e in row}) for row in got}
     assert max(groups_used) <= topk_group
+
+
+def _v2_236b_like(group_score):
+    # DeepSeek-V2 (arXiv 2405.04434, section 3.1.2): softmax gate, 160 routed experts on 8 devices,
+    # top-6, at most 3 devices per token; no balancing bias
+    from model.config import MoEConfig
+    return MoEConfig(num_experts=160, topk=6, n_group=8, topk_group=3, score_func="softmax",
+                     normalize_weights=False, bias_update_speed=0.0, group_score=group_score)
+
+
+def test_softmax_router_scores_groups_by_their_best_expert():
+    from model.provider import LayerProvider
+    from model.router import Router
+    torch.manual_seed(0)
+    routers = {how: Router(LayerProvider(), 32, _v2_236b_like(how), layer=1) for how in ("auto", "max", "top2_sum")}
+    for r in routers.values():
+        r.load_state_dict(routers["auto"].state_dict())
+    x = torch.randn(40, 32) * 3
+    ids = {how: sorted(map(sorted, r(x)[0].tolist())) for how, r in routers.items()}
+    scores = affinities(routers["auto"].gate(x), "softmax").detach()
+    assert ids["auto"] == ids["max"] == sorted(brute_force(scores, torch.zeros(160), 6, 8, 3, "max"))
+    assert ids["top2_sum"] != ids["max"]  # the choice matters for this shape
+
+
+def test_group_scores_differ_for_a_sizable_share_of_tokens():
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(2000, 160, generator=g) * 2).softmax(-1)
+    a = group_limited_topk(scores, torch.zeros(160), 6, 8, 3, "max").sort(-1).values
+    b = group_limited_topk(scores, torch.zeros(160), 6, 8, 3, "top2_sum").sort(-1).values
+    differ = (a != b).any(-1).float().mean().item()
+    assert 0.05 < differ < 0.95
+
+
+def test_group_score_config():
+    from model.config import MoEConfig
+    assert MoEConfig().group_scoring == "top2_sum"                       # sigmoid: DeepSeek-V3
+    assert MoEConfig(score_func="softmax").group_scoring == "max"        # softmax: DeepSeek-V2
+    assert MoEConfig(score_func="softmax", group_score="top2_sum").group_scoring == "top2_sum"
+    with pytest.raises(ValueError, match=r"group_score = 'mean'.*'auto', 'max' or 'top2_sum'"):
+        MoEConfig(group_score="mean")
 
 
 def test_gate_weights_normalised_scaled_and_unbiased():
