@@ -37,7 +37,7 @@ from data.normalize import BadInputLedger, normalize_chunk
 from data.packing import pack, packing_stats
 from data.report import StageTimer, summary_text
 from data.sources import expand_dumps, is_bundled, read_dump
-from data.tokenize import load_tokenizer, resolve_tokenizer, tokenize_chunk
+from data.tokenize import load_tokenizer, resolve_tokenizer, tokenize_chunk, tokenizer_source
 
 _CHUNK = 128
 _NOT_PREPARATION = ("workers", "seed", "output_dir", "blend", "weight")
@@ -162,6 +162,8 @@ def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, MARKER)):
         os.remove(os.path.join(out_dir, MARKER))
+    if not data_cfg.tokenizer.startswith("bpe:"):
+        tokenizer_source(data_cfg.tokenizer)  # a missing tokenizer fails before any work
     inputs = input_identities(data_cfg.dumps)  # before reading: an edit made meanwhile is seen next time
     workers = data_cfg.workers or min(os.cpu_count() or 1, 8)
     t_start = time.perf_counter()

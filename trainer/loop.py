@@ -128,10 +128,13 @@ def forward_backward(run: Run) -> dict:
 
 
 def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return name
-    return None
+    """The non-finite gradient closest to the loss (parameters walked from the output back), with
+    how many others are non-finite: a NaN spreads backward, so the one nearest the loss is the lead."""
+    bad = [name for name, p in reversed(list(model.named_parameters()))
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not bad:
+        return None
+    return bad[0] + (f" (and {len(bad) - 1} parameters before it)" if len(bad) > 1 else "")
 
 
 def optimizer_step(run: Run, m: dict, lr: float) -> bool:
@@ -156,8 +159,11 @@ def optimizer_step(run: Run, m: dict, lr: float) -> bool:
             run.zero.discard()
         run.model.zero_grad(set_to_none=True)
         run.nan_skips += 1
-        if cfg.train.on_nan == "halt" or run.nan_skips > cfg.train.max_nan_skips:
+        if cfg.train.on_nan == "halt":
             raise NonFiniteError(msg + "; halting (train.on_nan=skip drops such steps instead)")
+        if run.nan_skips > cfg.train.max_nan_skips:
+            raise NonFiniteError(f"{msg}; halting after {run.nan_skips} skipped steps, more than "
+                                 f"train.max_nan_skips = {cfg.train.max_nan_skips}; lower optim.lr or check the data")
         log.warning("%s; skipping the step (%d skipped so far)", msg, run.nan_skips)
         return False
     if run.zero is None:

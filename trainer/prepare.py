@@ -15,9 +15,11 @@ import os
 import sys
 
 from data.prepare import prepare, prepared_dir, stale_reason, summary_text
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
+from trainer.cli import user_errors
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=None,
@@ -27,20 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(args.config, args.set)
-        data_cfg = dataclasses.replace(cfg.data, output_dir=prepared_dir(cfg.data, cfg.dedup))
-        reason = stale_reason(data_cfg.output_dir, data_cfg, cfg.dedup)
-        if reason is None and not args.force:
-            print(f"up to date: {data_cfg.output_dir} holds this config's data and no input changed; "
-                  "nothing to do (--force prepares again)")
-            return 0
-        if reason != "not prepared yet":
-            print(f"preparing again: {reason}", file=sys.stderr)
-        report = prepare(data_cfg, cfg.dedup)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
+    data_cfg = dataclasses.replace(cfg.data, output_dir=prepared_dir(cfg.data, cfg.dedup))
+    reason = stale_reason(data_cfg.output_dir, data_cfg, cfg.dedup)
+    if reason is None and not args.force:
+        print(f"up to date: {data_cfg.output_dir} holds this config's data and no input changed; "
+              "nothing to do (--force prepares again)")
+        return 0
+    if reason != "not prepared yet":
+        print(f"preparing again: {reason}", file=sys.stderr)
+    report = prepare(data_cfg, cfg.dedup)
     print(summary_text(report))
     print(f"\nwrote {data_cfg.output_dir} (report: {os.path.join(data_cfg.output_dir, 'report.json')}) "
           f"in {report['seconds']:.1f}s")

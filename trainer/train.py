@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from trainer.config import ConfigError, dump_yaml, load_config
+from trainer.cli import user_errors
+from trainer.config import dump_yaml, load_config
 
 log = logging.getLogger("moepipe")
-EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; the launcher should requeue
 
 
@@ -28,18 +27,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data.indexed import IndexedDataError
-    from trainer import checkpoint as ckpt
-    from trainer.loop import NonFiniteError
     try:
         cfg = load_config(args.config, args.set)
         return run(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteError, IndexedDataError) as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     finally:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -52,7 +45,13 @@ def run(cfg) -> int:
     from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
     from trainer.metrics import MetricsWriter, setup_logging
 
+    from trainer import preflight
+    from trainer.run_dir import check_output_dir
+
+    check_output_dir(cfg.train.output_dir)
+    preflight.check_device(cfg)
     topology, device = init_distributed(cfg)
+    preflight.check_memory(cfg, topology.world_size)
     setup_logging(cfg.train.output_dir, topology.rank)
     log.info("resolved config:\n%s", dump_yaml(cfg))
     log.info("layout: %s", topology.describe())
@@ -60,6 +59,7 @@ def run(cfg) -> int:
     run_ = build_run(cfg, stream, topology, device)
     path = resume_path(cfg)
     if path:
+        preflight.check_model_matches(path, cfg)
         load_state(run_, path)
         log.info("resumed from %s at step %d", path, run_.step)
     install_stop_handlers(run_)
