@@ -5,6 +5,7 @@
 `error: <what> = <value>: <why>; <fix>` on stderr and exit code 2, never a traceback; anything
 else is a bug and keeps its traceback. Under a launcher (RANK set) a config error is the same on
 every rank, so only rank 0 prints it; other errors carry their rank. Every rank keeps the exit code.
+A KeyboardInterrupt (a second Ctrl-C during training) is one line and exit 130.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
 
 
 def _user_error_types() -> tuple:
@@ -47,4 +49,7 @@ def user_errors(main):
             if line:
                 print(line, file=sys.stderr)
             return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted: stopped at once without saving", file=sys.stderr)
+            return EXIT_INTERRUPTED
     return wrapped

@@ -234,11 +234,18 @@ def resume_path(cfg: Config) -> str | None:
 
 
 def install_stop_handlers(run: Run) -> None:
-    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit): finish the step, save, stop."""
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C (SIGINT): finish
+    the step, save, stop (exit 75). A second Ctrl-C aborts at once (KeyboardInterrupt)."""
     def handler(signum, _frame):
-        log.warning("received %s: will checkpoint after this step and stop", signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            if signal.SIGINT in run.stop_requested:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: will checkpoint after this step and stop (press Ctrl-C again to abort "
+                        "without saving)")
+        else:
+            log.warning("received %s: will checkpoint after this step and stop", signal.Signals(signum).name)
         run.stop_requested.append(signum)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, handler)
 
 

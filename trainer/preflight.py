@@ -7,7 +7,10 @@
   before the model is built;
 - the model of a checkpoint: its `config.yaml` is compared field by field with the current
   config, so a resume with another architecture names the fields instead of failing inside
-  `load_state_dict`.
+  `load_state_dict`;
+- the schedule: a resume with another `train.steps` re-stretches a decay that follows
+  `train.steps` (`schedule.decay_steps = 0`); the warning gives the lr jump and the setting that
+  keeps the old schedule.
 """
 from __future__ import annotations
 
@@ -80,3 +83,32 @@ def check_model_matches(checkpoint: str, cfg: Config) -> None:
         raise ConfigError(f"{first} = {_get(cfg, first)!r}: the checkpoint {checkpoint} was trained with a "
                           f"different model ({'; '.join(changes)}); resume with the checkpoint's values, or "
                           "start a fresh run (checkpoint.resume=none or another train.output_dir)")
+
+
+def _saved_config(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def schedule_change(checkpoint: str, cfg: Config) -> str | None:
+    """A warning when the lr at the resume step differs from what the checkpoint's run would use."""
+    from trainer.schedule import lr_at
+    saved = _saved_config(checkpoint)
+    old_steps = (saved.get("train") or {}).get("steps")
+    if not isinstance(old_steps, int) or old_steps == cfg.train.steps or cfg.schedule.decay_steps:
+        return None
+    from trainer.checkpoint import step_of
+    step = step_of(checkpoint) or 0
+    before = lr_at(step, cfg.optim, cfg.schedule, old_steps)
+    after = lr_at(step, cfg.optim, cfg.schedule, cfg.train.steps)
+    if before == after:
+        return None
+    keep = old_steps - cfg.schedule.warmup_steps - (cfg.schedule.constant_steps if cfg.schedule.kind == "wsd" else 0)
+    return (f"train.steps = {cfg.train.steps}: the checkpoint's run had {old_steps}; with schedule.decay_steps = 0 "
+            f"the decay follows train.steps, so lr at step {step} jumps from {before:.3g} to {after:.3g}; set "
+            f"schedule.decay_steps={keep} to keep the old schedule (then min_lr after step {old_steps})")

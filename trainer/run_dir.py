@@ -12,11 +12,9 @@ import datetime
 import errno
 import fcntl
 import json
-import logging
 import os
 import socket
 
-log = logging.getLogger("moepipe")
 LOCK_FILE = "run.lock"
 
 
@@ -68,9 +66,7 @@ class RunDirLock:
         json.dump(me, f)
         f.flush()
         self._file = f
-        if previous:
-            log.warning("took over %s left by a run that is no longer alive (%s)", self.path, _describe(previous))
-        return previous or None
+        return previous or None  # the caller logs the takeover once its log is set up
 
     def release(self) -> None:
         if self._file is not None:
