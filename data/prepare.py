@@ -2,13 +2,14 @@
 
 read -> normalise -> exact dedup -> near dedup -> tokenize -> pack -> write (DeepSeek-V3
 report section 4.1 for cross-dump dedup and document packing). CONFIG is the training YAML;
-only its `data:` and `dedup:` sections are used. Output in `data.output_dir/<fingerprint>/`, where
-the fingerprint hashes every field that changes the prepared bytes, so configs that differ (say in
-seq_len or tokenizer) never overwrite each other's data:
+only its `data:` and `dedup:` sections are used. Output in `data.output_dir/<name of the data>/<fingerprint>/`,
+where the fingerprint hashes every field that changes the prepared bytes, so configs that differ
+(say in seq_len or tokenizer) never overwrite each other's data:
   train.bin/.idx (+ .doclens*.npy), valid.* when data.valid_fraction > 0, tokenizer.json,
   meta.json (what the stream needs), report.json (the summary, machine-readable) and last
-  _COMPLETE.json holding the preparation-relevant config; `ensure_prepared` reuses a directory
-  only when that record matches the current config.
+  _COMPLETE.json holding the preparation-relevant config and each input's identity (size, mtime,
+  sha256; see `data.identity`); `ensure_prepared` reuses a directory only when that record matches
+  the current config and no input changed, and prepares it again otherwise.
 
 Determinism: work is cut into fixed chunks of documents independent of the worker count and
 mapped in order, BPE training sees the kept texts in order, and the valid split uses a fixed
@@ -20,6 +21,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -29,16 +31,18 @@ import numpy as np
 
 from data.config import DataConfig
 from data.dedup.config import DedupConfig
+from data.identity import changed_inputs, data_name, input_identities
 from data.indexed import IndexedWriter
 from data.normalize import BadInputLedger, normalize_chunk
 from data.packing import pack, packing_stats
 from data.report import StageTimer, summary_text
 from data.sources import expand_dumps, is_bundled, read_dump
-from data.tokenize import load_tokenizer, resolve_tokenizer, tokenize_chunk
+from data.tokenize import load_tokenizer, resolve_tokenizer, tokenize_chunk, tokenizer_source
 
 _CHUNK = 128
 _NOT_PREPARATION = ("workers", "seed", "output_dir", "blend", "weight")
 MARKER = "_COMPLETE.json"
+log = logging.getLogger("data")
 
 
 def preparation_record(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> dict:
@@ -48,9 +52,10 @@ def preparation_record(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> dict:
 
 
 def prepared_dir(data_cfg: DataConfig, dedup_cfg: DedupConfig) -> str:
-    """`data.output_dir/<12 hex digits of the preparation record's sha256>`."""
+    """`data.output_dir/<name of the dumps>/<12 hex digits of the preparation record's sha256>`."""
     record = json.dumps(preparation_record(data_cfg, dedup_cfg), sort_keys=True, default=str)
-    return os.path.join(data_cfg.output_dir, hashlib.sha256(record.encode()).hexdigest()[:12])
+    return os.path.join(data_cfg.output_dir, data_name(data_cfg.dumps),
+                        hashlib.sha256(record.encode()).hexdigest()[:12])
 
 
 def _chunks(items: list, size: int = _CHUNK) -> list[list]:
@@ -157,6 +162,9 @@ def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, MARKER)):
         os.remove(os.path.join(out_dir, MARKER))
+    if not data_cfg.tokenizer.startswith("bpe:"):
+        tokenizer_source(data_cfg.tokenizer)  # a missing tokenizer fails before any work
+    inputs = input_identities(data_cfg.dumps)  # before reading: an edit made meanwhile is seen next time
     workers = data_cfg.workers or min(os.cpu_count() or 1, 8)
     t_start = time.perf_counter()
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
@@ -174,6 +182,7 @@ def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -
         with StageTimer("tokenizer", 1, quiet=quiet) as t_tok:
             resolve_tokenizer(data_cfg.tokenizer, docs, tok_path)
             tok = load_tokenizer(tok_path, data_cfg.fast_tokenizer)
+        vocab_warning = _vocab_shortfall(data_cfg.tokenizer, tok.vocab_size)
         fast = tok.fast is not None
         tokens, t_tokz = _tokenize(tok_path, data_cfg.fast_tokenizer, pool, docs, quiet)
     finally:
@@ -194,7 +203,7 @@ def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -
                   for d, s in enumerate(specs)],
         "dedup": dedup_stats, "bad_input": ledger.to_dict(),
         "tokenizer": {"spec": data_cfg.tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                      "pad_id": tok.pad_id, "fast_path": fast},
+                      "pad_id": tok.pad_id, "fast_path": fast, "warning": vocab_warning},
         "packing_mode": data_cfg.packing, "seq_len": data_cfg.seq_len,
         "packing": packing_stats(sequences, doc_lens, data_cfg.seq_len),
         "sequences": counts, "seconds": round(time.perf_counter() - t_start, 3),
@@ -204,8 +213,19 @@ def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -
             "tokenizer": "tokenizer.json"}
     _write_json(os.path.join(out_dir, "meta.json"), meta)
     _write_json(os.path.join(out_dir, "report.json"), report)
-    _write_json(os.path.join(out_dir, MARKER), preparation_record(data_cfg, dedup_cfg))
+    _write_json(os.path.join(out_dir, MARKER), {"config": preparation_record(data_cfg, dedup_cfg),
+                                                "inputs": inputs})
     return report
+
+
+def _vocab_shortfall(spec: str, reached: int) -> str | None:
+    """A warning when 'bpe:N' reached fewer than N tokens (the corpus has too few distinct merges)."""
+    if not spec.startswith("bpe:") or reached >= int(spec[4:]):
+        return None
+    msg = (f"data.tokenizer = {spec!r}: the corpus only supports a {reached}-token vocabulary; "
+           f"use data.tokenizer=bpe:{reached} (and model.vocab_size >= {reached}) or add more text")
+    log.warning(msg)
+    return msg
 
 
 def _write_json(path: str, obj) -> None:
@@ -215,13 +235,25 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _complete(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:
+def stale_reason(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> str | None:
+    """Why `out_dir` must be prepared (again), or None when it is complete and its inputs unchanged."""
     path = os.path.join(out_dir, MARKER)
     if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as f:
-        recorded = json.load(f)
-    return recorded == json.loads(json.dumps(preparation_record(data_cfg, dedup_cfg), default=str))
+        return "not prepared yet"
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        config, inputs = recorded["config"], recorded["inputs"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MARKER} unreadable or from an older version"
+    if config != json.loads(json.dumps(preparation_record(data_cfg, dedup_cfg), default=str)):
+        return "the data config differs"
+    changed = changed_inputs(inputs, data_cfg.dumps)
+    return f"input changed: {', '.join(changed)}" if changed else None
+
+
+def _complete(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> bool:
+    return stale_reason(out_dir, data_cfg, dedup_cfg) is None
 
 
 def ensure_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False) -> str:
@@ -237,7 +269,10 @@ def ensure_prepared(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = 
     with open(os.path.join(data_cfg.output_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not _complete(data_cfg.output_dir, data_cfg, dedup_cfg):
+            reason = stale_reason(data_cfg.output_dir, data_cfg, dedup_cfg)
+            if reason is not None:
+                if not quiet:
+                    log.info("preparing %s (%s)", data_cfg.output_dir, reason)
                 report = prepare(data_cfg, dedup_cfg, quiet=quiet)
                 if not quiet:
                     print(summary_text(report), file=sys.stderr)

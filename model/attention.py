@@ -13,7 +13,6 @@ C kv_lora_rank.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

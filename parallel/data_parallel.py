@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from parallel.expert import expert_shards
 from parallel.adamw import adamw_update_
 
+# all_gather_into_tensor is deprecated (a FutureWarning on every call) where all_gather_single exists
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class _Bucket:
@@ -225,7 +228,7 @@ class ZeroAdamW:
                 flat.copy_(b.master)
                 works.append(None)
             else:
-                works.append(dist.all_gather_into_tensor(flat, b.master, group=b.group, async_op=True))
+                works.append(_all_gather_flat(flat, b.master, group=b.group, async_op=True))
         for b, flat, work in zip(self.buckets, flats, works):
             if work is not None:
                 work.wait()
@@ -262,7 +265,7 @@ class ZeroAdamW:
         if b.size == 1:
             return shard.clone()
         flat = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
-        dist.all_gather_into_tensor(flat, shard.contiguous(), group=b.group)
+        _all_gather_flat(flat, shard.contiguous(), group=b.group)
         return flat
 
 

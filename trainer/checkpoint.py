@@ -18,6 +18,7 @@ loader, so exporting a DCP checkpoint from elsewhere cannot run code either.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,11 +78,25 @@ def _to_plain(obj):
     return obj
 
 
+def has_valid_manifest(path: str) -> bool:
+    """A readable manifest whose step matches the directory (files are verified on load only)."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        _read_manifest(path, manifest)
+    except CheckpointError:
+        return False
+    return True
+
+
 def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints of the current branch, oldest first: `step_N/` with a valid manifest
+    (a directory a crash left without one is neither counted by pruning nor picked to resume)."""
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
-    return [os.path.join(root, n) for n in names]
+    return [os.path.join(root, n) for n in names if has_valid_manifest(os.path.join(root, n))]
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -89,12 +104,58 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1] if found else None
 
 
-def remove_partial(root: str) -> None:
-    """Delete leftovers of saves that crashed half-way (never picked up by `latest_checkpoint`)."""
+def remove_partial(root: str, own_only: bool = False) -> list[str]:
+    """Delete leftovers of saves that crashed half-way (`*.tmp-*`) and of interrupted prunes
+    (`*.pruned`); returns the names removed. Only the holder of the output-dir lock may remove
+    everyone's (`trainer.run_dir`); `own_only` removes just this process's."""
+    removed = []
     if os.path.isdir(root):
-        for name in os.listdir(root):
-            if ".tmp-" in name:
+        for name in sorted(os.listdir(root)):
+            mine = name.endswith(f".tmp-{os.getpid()}")
+            if (".tmp-" in name or name.endswith(PRUNED)) and (mine or not own_only):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+PRUNED = ".pruned"
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Delete all but the `keep_last` newest checkpoints of the current branch. Each is renamed
+    out of the `step_N` pattern first, so a kill mid-delete never leaves a half-deleted `step_N/`."""
+    removed = []
+    for old in list_checkpoints(root)[:-keep_last]:
+        doomed = old + PRUNED
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def step_of(path: str) -> int | None:
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def start_branch(root: str, resumed: str) -> str | None:
+    """Resuming from `resumed` abandons every later checkpoint in `root`: move them (not delete)
+    into `root/abandoned-after-step_N-<k>/`, so pruning and auto-resume follow the new branch.
+    Returns the directory they went to (None when there were none)."""
+    step = step_of(resumed)
+    if step is None or not os.path.isdir(root):
+        return None
+    later = [n for n in sorted(os.listdir(root)) if STEP_DIR.match(n) and int(n[5:]) > step]
+    if not later:
+        return None
+    k = 0
+    while os.path.exists(aside := os.path.join(root, f"abandoned-after-step_{step:08d}-{k}")):
+        k += 1
+    os.makedirs(aside)
+    for name in later:
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
+    _fsync_dir(root)
+    return aside
 
 
 def _files(top: str) -> list[str]:
@@ -121,12 +182,12 @@ def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yam
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(final):
-        shutil.rmtree(final)
+        os.rename(final, final + PRUNED)
+        shutil.rmtree(final + PRUNED)
     _fsync_dir(tmp)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep_last)
     return final
 
 
@@ -145,13 +206,31 @@ def _fsync_dir(path: str) -> None:
 
 
 def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
-    """Single-process save: write atomically and prune to `keep_last`; returns the final directory."""
+    """Single-process save: write atomically and prune to `keep_last`; returns the final directory.
+    Removes only this process's own partial directories (another run's may be in progress)."""
     os.makedirs(root, exist_ok=True)
-    remove_partial(root)
+    remove_partial(root, own_only=True)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp)
-    return finalize(root, tmp, final, step, state, config_yaml, keep_last)
+    try:
+        return finalize(root, tmp, final, step, state, config_yaml, keep_last)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(disk_full_message(root, step)) from None
+        raise
+
+
+def disk_full_message(root: str, step: int) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = latest_checkpoint(root)
+    return (f"checkpoint path = {os.path.join(root, f'step_{step:08d}')!r}: no space left on the device while "
+            f"saving ({free}); the partial directory was removed and {previous or 'no earlier checkpoint'} is "
+            "intact; free disk space (or lower checkpoint.keep_last) and resume")
 
 
 def read_checkpoint(path: str) -> dict:

@@ -80,7 +80,7 @@ class TrainConfig:
     device: str = doc("auto", "auto (cuda if available, else cpu), cpu or cuda.")
     dtype: str = doc("auto", "Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
     output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
-    on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing, exit 1) or skip (drop the step).")
+    on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing; one error line naming the parameter, exit 2) or skip (drop the step; halt as above after max_nan_skips).")
     max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
 
     def __post_init__(self):
@@ -189,8 +189,9 @@ def _closest(name: str, options, prefix: str = "") -> str:
     return f"; valid names: {', '.join(sorted(options))}"
 
 
-def _coerce(value, tp, where: str):
-    """Check a YAML scalar against a field's annotated type; ints are accepted for floats."""
+def _coerce(value, tp, where: str, strings: bool = False):
+    """Check a YAML scalar against a field's annotated type; ints are accepted for floats.
+    `strings`: the field is a list of strings (its default is), so every item must be one."""
     origin = typing.get_origin(tp) or tp
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -199,12 +200,37 @@ def _coerce(value, tp, where: str):
             value = float(value)  # YAML 1.1 reads "3e-4" as a string
         except ValueError:
             pass
+    if origin is int and isinstance(value, str) and _is_number(value):
+        raise ConfigError(f"{where} = {value!r}: YAML reads {value} as a string, not a number (YAML 1.1 "
+                          f"needs a dot in floats and integers have no exponent); write it as {_as_int(value)}")
+    if origin is int and isinstance(value, float) and value.is_integer():
+        raise ConfigError(f"{where} = {value!r}: expected an integer, got a float; write {int(value)}")
     if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin) \
             or (origin is int and isinstance(value, bool)):
         raise ConfigError(f"{where} = {value!r}: expected {origin.__name__}, got {type(value).__name__}")
+    if origin is list and strings and not all(isinstance(v, str) for v in value):
+        bad = next(v for v in value if not isinstance(v, str))
+        raise ConfigError(f"{where} = {value!r}: every item must be a string, got {type(bad).__name__} "
+                          f"{bad!r}; write a flat list such as [a, b]")
     if origin is float and not math.isfinite(value):
         raise ConfigError(f"{where} = {value!r}: must be a finite number")
     return value
+
+
+def _is_string_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _as_int(text: str) -> str:
+    number = float(text)
+    return str(int(number)) if number.is_integer() else f"an integer (not {text})"
 
 
 def section_from_dict(cls: type, raw, section: str):
@@ -215,11 +241,13 @@ def section_from_dict(cls: type, raw, section: str):
         raise ConfigError(f"{section}: expected a mapping of fields, got {type(raw).__name__} ({raw!r})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    string_lists = {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+                    and _is_string_list(f.default_factory())}
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
             raise ConfigError(f"unknown key '{section}.{key}'{_closest(str(key), names, section + '.')}")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", key in string_lists)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -246,20 +274,58 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+MAX_CONFIG_VALUES = 100_000
+
+
+def check_expanded_size(raw, where: str) -> None:
+    """Refuse a document whose aliases (&a / *a) expand to more than MAX_CONFIG_VALUES values.
+
+    PyYAML shares one object per alias, so loading is cheap; the copies made later are not (a
+    nine-level alias bomb expands to a billion values). Sizes are counted per distinct object.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(obj) -> int:
+        if id(obj) in sizes:
+            return sizes[id(obj)]
+        sizes[id(obj)] = MAX_CONFIG_VALUES + 1  # a self-referencing alias counts as too big
+        children = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else \
+            obj if isinstance(obj, list) else []
+        total = 1
+        for child in children:
+            total = min(total + size(child), MAX_CONFIG_VALUES + 1)
+        sizes[id(obj)] = total
+        return total
+
+    try:
+        too_big = size(raw) > MAX_CONFIG_VALUES
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to be a config") from None
+    if too_big:
+        raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_CONFIG_VALUES:,} values; a config "
+                          "holds a few hundred; remove the repeated anchors (&name / *name)")
+
+
 def read_yaml_tree(path: str, _seen: tuple = ()) -> dict:
     """Read a YAML file, resolving `base:` inheritance (relative to the file) recursively."""
     path = os.path.abspath(path)
     if path in _seen:
         raise ConfigError(f"{path}: 'base' inheritance loops back to itself via {' -> '.join(_seen)}")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config = {path!r}: no such file; give the path of a YAML config (see configs/)")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(f"config = {path!r}: not valid YAML at {where}: {e.problem or e.context}; fix the syntax "
+                          "there") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply to be a config") from None
+    check_expanded_size(raw, f"config = {path!r}")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at top level, got {type(raw).__name__}")
@@ -286,6 +352,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError):
             value = text
+        check_expanded_size(value, f"override = {item!r}")
         section = out.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise ConfigError(f"override '{item}': section '{parts[0]}' is not a mapping")

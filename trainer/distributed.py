@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -72,7 +73,8 @@ def save(root: str, step: int, model, zero, topology, extra: dict, config_yaml: 
     final = os.path.join(root, f"step_{step:08d}")
     tmp = f"{final}.tmp-dist"
     if topology.rank == 0:
-        ckpt.remove_partial(root)
+        if os.path.exists(tmp):  # our own earlier attempt; other leftovers go at start-up, under the lock
+            shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
     save_checkpoint(os.path.join(tmp, "dcp"), model, zero, topology)

@@ -29,6 +29,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.hf_names import hf_config, to_hf
+from trainer.cli import user_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 KEEP_FP32 = ("e_score_correction_bias",)
@@ -150,6 +151,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "bf16", config: str | Non
             "bytes": index["metadata"]["total_size"], "tokenizer": files}
 
 
+@user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (step_XXXXXXXX/) or DCP directory")
@@ -159,12 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer files")
     args = p.parse_args(argv)
-    try:
-        summary = export(args.checkpoint, args.out_dir, args.dtype, args.config, args.max_shard_gb,
-                         not args.no_tokenizer)
-    except (ConfigError, ckpt.CheckpointError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = export(args.checkpoint, args.out_dir, args.dtype, args.config, args.max_shard_gb,
+                     not args.no_tokenizer)
     print(f"wrote {summary['tensors']} tensors in {summary['shards']} shard(s), "
           f"{summary['bytes'] / 2**20:.1f} MiB, tokenizer files {summary['tokenizer']} to {args.out_dir}")
     return 0

@@ -25,6 +25,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, dump_yaml, load_config
 from trainer.hf_names import HFNameError, from_hf, overrides_from_hf
+from trainer.cli import user_errors
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -103,6 +104,7 @@ def import_hf(hf_dir: str, out: str, config: str | None = None, overrides: list[
                                  dump_yaml(cfg), keep_last=1 << 30)
 
 
+@user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.import_hf", description=__doc__.splitlines()[0])
     p.add_argument("hf_dir", help="directory with config.json and *.safetensors")
@@ -110,11 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML for the run-level sections (data, optim, train ...)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
-    try:
-        path = import_hf(args.hf_dir, args.out, args.config, args.set)
-    except (ConfigError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = import_hf(args.hf_dir, args.out, args.config, args.set)
     print(f"wrote {path}")
     return 0
 

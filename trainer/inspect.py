@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
 from trainer.flops import flops_per_token, param_counts
 from model.transformer import build_model
+from trainer.cli import user_errors
 
 _BLOCK_PARTS = ((".attn.", "attention"), ("_norm.", "norms"), (".ffn.router.", "router"),
                 (".ffn.shared.", "moe_shared"), (".ffn.experts.", "moe_routed"), (".ffn.", "dense_ffn"))
@@ -90,16 +91,13 @@ def report(cfg) -> str:
     return "\n".join(lines)
 
 
+@user_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="YAML config file")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="dotted overrides")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
     print(report(cfg))
     return 0
 

@@ -128,10 +128,13 @@ def forward_backward(run: Run) -> dict:
 
 
 def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return name
-    return None
+    """The non-finite gradient closest to the loss (parameters walked from the output back), with
+    how many others are non-finite: a NaN spreads backward, so the one nearest the loss is the lead."""
+    bad = [name for name, p in reversed(list(model.named_parameters()))
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not bad:
+        return None
+    return bad[0] + (f" (and {len(bad) - 1} parameters before it)" if len(bad) > 1 else "")
 
 
 def optimizer_step(run: Run, m: dict, lr: float) -> bool:
@@ -156,8 +159,11 @@ def optimizer_step(run: Run, m: dict, lr: float) -> bool:
             run.zero.discard()
         run.model.zero_grad(set_to_none=True)
         run.nan_skips += 1
-        if cfg.train.on_nan == "halt" or run.nan_skips > cfg.train.max_nan_skips:
+        if cfg.train.on_nan == "halt":
             raise NonFiniteError(msg + "; halting (train.on_nan=skip drops such steps instead)")
+        if run.nan_skips > cfg.train.max_nan_skips:
+            raise NonFiniteError(f"{msg}; halting after {run.nan_skips} skipped steps, more than "
+                                 f"train.max_nan_skips = {cfg.train.max_nan_skips}; lower optim.lr or check the data")
         log.warning("%s; skipping the step (%d skipped so far)", msg, run.nan_skips)
         return False
     if run.zero is None:
@@ -228,11 +234,18 @@ def resume_path(cfg: Config) -> str | None:
 
 
 def install_stop_handlers(run: Run) -> None:
-    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit): finish the step, save, stop."""
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) and a first Ctrl-C (SIGINT): finish
+    the step, save, stop (exit 75). A second Ctrl-C aborts at once (KeyboardInterrupt)."""
     def handler(signum, _frame):
-        log.warning("received %s: will checkpoint after this step and stop", signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            if signal.SIGINT in run.stop_requested:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: will checkpoint after this step and stop (press Ctrl-C again to abort "
+                        "without saving)")
+        else:
+            log.warning("received %s: will checkpoint after this step and stop", signal.Signals(signum).name)
         run.stop_requested.append(signum)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, handler)
 
 

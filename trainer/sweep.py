@@ -31,6 +31,7 @@ import sys
 import yaml
 
 from trainer.config import ConfigError, load_config
+from trainer.cli import user_errors
 
 SWEEP_KEYS = {"base", "output_dir", "set", "runs", "grid", "seeds", "seed_key", "metrics",
               "plot_x", "summary_window", "slurm"}
@@ -289,21 +290,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        sweep = load_sweep(args.sweep)
-        runs = expand(sweep)
-        if args.run_args is not None:
-            if not 0 <= args.run_args < len(runs):
-                raise SweepError(f"--run-args {args.run_args}: the sweep has runs 0..{len(runs) - 1}")
-            run = runs[args.run_args]
-            print("\n".join([sweep.base, "--set", *run.set_args()]))
-            return 0
-        configs = validate(sweep, runs)
-    except (SweepError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    sweep = load_sweep(args.sweep)
+    runs = expand(sweep)
+    if args.run_args is not None:
+        if not 0 <= args.run_args < len(runs):
+            raise SweepError(f"--run-args {args.run_args}: the sweep has runs 0..{len(runs) - 1}")
+        run = runs[args.run_args]
+        print("\n".join([sweep.base, "--set", *run.set_args()]))
+        return 0
+    configs = validate(sweep, runs)
     from trainer.sweep_report import collect_and_report
     if args.dry_run and not args.slurm:
         print_runs(sweep, runs, configs)

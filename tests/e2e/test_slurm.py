@@ -45,7 +45,8 @@ def submit(cluster, tmp_path, name, nodes, overrides, entry=FAKE, **env) -> tupl
     try:
         job = cluster.sbatch([f"--nodes={nodes}", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
                               os.path.join(REPO, "slurm", "train.sbatch"), "configs/tiny.yaml", "--set",
-                              f"train.output_dir={tmp_path}/{name}", *overrides], cwd=str(tmp_path))
+                              f"train.output_dir={tmp_path}/{name}", f"data.output_dir={tmp_path}/data",
+                              *overrides], cwd=str(tmp_path))
     finally:
         cluster.env.clear()
         cluster.env.update(old)

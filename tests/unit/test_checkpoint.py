@@ -26,6 +26,8 @@ def test_partial_write_is_never_picked_up(tmp_path):
     os.makedirs(tmp_path / "step_00000002.tmp-999")  # a save that crashed half-way
     assert ckpt.latest_checkpoint(root).endswith("step_00000001")
     ckpt.write_checkpoint(root, 3, {"x": 3}, "", 3)
+    assert ckpt.latest_checkpoint(root).endswith("step_00000003")
+    ckpt.remove_partial(root)  # at start-up, by the holder of the output-dir lock
     assert not any(".tmp-" in n for n in os.listdir(root))
 
 

@@ -60,7 +60,7 @@ def test_base_loop_and_missing_files_are_clear(tmp_path):
     write(tmp_path / "b.yaml", {"base": "a.yaml"})
     with pytest.raises(ConfigError, match="loops back"):
         load_config(str(tmp_path / "a.yaml"))
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = write(tmp_path / "bad.yaml", "model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -128,3 +128,48 @@ def test_bible_parse():
     assert docs[0].text.startswith("In the beginning God created the heaven and the earth. And the earth")
     assert not any(ch.isdigit() for ch in docs[0].text[:500])
     assert len(list(read_dump("bible:asv", max_mb=0.05))) < 30
+
+
+def _prepare_cli(tmp_path, corpus, capsys, *extra):
+    from trainer.prepare import main
+    rc = main(["--set", f"data.dumps=[{corpus}]", f"data.output_dir={tmp_path / 'cache'}", "data.tokenizer=bpe:400",
+               "data.seq_len=128", "model.max_seq_len=128", "data.workers=1", *extra])
+    return rc, capsys.readouterr()
+
+
+def test_prepare_skips_unchanged_inputs_and_reruns_on_an_edit(tmp_path, capsys):
+    corpus = _jsonl(tmp_path / "my_corpus.jsonl", SOTU[:6])
+    rc, first = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 0 and "wrote" in first.out
+    out_dir = first.out.split("wrote ")[1].split(" ")[0]
+    before = open(os.path.join(out_dir, "train.bin"), "rb").read()
+    assert os.path.basename(os.path.dirname(out_dir)) == "my_corpus"  # named after the data
+    rc, again = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 0 and "up to date" in again.out and "wrote" not in again.out
+    os.utime(corpus, ns=(1, 1))  # touched, same content: still up to date
+    assert "up to date" in _prepare_cli(tmp_path, corpus, capsys)[1].out
+    _jsonl(corpus, SOTU[6:12])  # edited: prepared again, with the new tokens
+    rc, edited = _prepare_cli(tmp_path, corpus, capsys)
+    assert rc == 0 and "input changed" in edited.err and "wrote" in edited.out
+    rep = json.load(open(os.path.join(out_dir, "report.json")))
+    assert rep["dumps"][0]["kept"] == 6
+    assert open(os.path.join(out_dir, "train.bin"), "rb").read() != before  # not the old tokens
+    assert "up to date" in _prepare_cli(tmp_path, corpus, capsys)[1].out
+
+
+def test_lone_surrogate_is_a_bad_record_counted_by_reason(tmp_path):
+    path = tmp_path / "s.jsonl"
+    lines = [json.dumps({"text": t}) for t in SOTU[:20]] + ['{"text": "broken \\ud800 half pair"}']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rep = prepare(_cfg(tmp_path, [str(path)], max_error_fraction=0.1), DedupConfig(), quiet=True)
+    assert rep["bad_input"]["by_reason"] == {"lone_surrogate": 1}
+    assert rep["dumps"][0]["kept"] == 20
+
+
+def test_bpe_vocabulary_shortfall_is_reported(tmp_path, caplog):
+    a = _jsonl(tmp_path / "a.jsonl", ["tiny corpus, few merges"] * 3 + ["another small line"])
+    rep = prepare(_cfg(tmp_path, [a], tokenizer="bpe:16384"), DedupConfig(exact=False, near=False), quiet=True)
+    reached = rep["tokenizer"]["vocab_size"]
+    assert reached < 16384
+    assert f"only supports a {reached}-token vocabulary" in rep["tokenizer"]["warning"]
+    assert any("bpe:16384" in r.getMessage() for r in caplog.records)

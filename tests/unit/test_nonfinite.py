@@ -128,3 +128,25 @@ def test_skip_budget_then_halt(tmp_path):
     with pytest.raises(loop.NonFiniteError, match=rf"step {BAD_STEP + 1}: losses"):
         _train(run, tmp_path)
     assert run.nan_skips == 2
+
+
+def test_report_names_the_parameter_closest_to_the_loss(tmp_path):
+    run = _run(tmp_path, "halt")
+
+    def poison_backward(module, args, out):  # NaN flows back into layer 1 and everything before it
+        if run.step == BAD_STEP - 1:
+            out.register_hook(lambda g: g * float("nan"))
+    run.model.layers["1"].register_forward_hook(poison_backward)
+    with pytest.raises(loop.NonFiniteError) as err:
+        _train(run, tmp_path)
+    lead = str(err.value).split("gradient of ")[1].split(" ")[0]
+    assert lead.startswith("layers.1.") and "parameters before it" in str(err.value), str(err.value)
+
+
+def test_skip_budget_message_does_not_suggest_skip(tmp_path):
+    run = _run(tmp_path, "skip", steps=8)
+    run.model.mtp[0].register_forward_hook(
+        lambda m, i, out: out * float("nan") if run.step >= BAD_STEP - 1 else None)
+    with pytest.raises(loop.NonFiniteError) as err:
+        _train(run, tmp_path)
+    assert "on_nan=skip" not in str(err.value) and "train.max_nan_skips = 1" in str(err.value)
