@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.layers import swiglu_activation
+
 
 class Dispatcher(Protocol):
     """Moves routed rows to the experts that hold them and back (single rank or all-to-all)."""
@@ -61,7 +63,16 @@ def grouped_mm(x_SK: Tensor, w_ENK: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows of expert e (x_SK[offsets[e-1]:offsets[e]]) times w_ENK[e].T, all experts in one call.
 
     `offsets_E` are the cumulative row counts (int32, on x's device). Rows past the last offset
-    are not computed (callers pass exactly sum(counts) rows)."""
+    are not computed (callers pass exactly sum(counts) rows). Under torch.compile only bf16 can be
+    traced (the op's shape function accepts no other dtype): an fp32 (CPU) grouped GEMM runs
+    eagerly between two graphs."""
+    if x_SK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _eager_grouped_mm(x_SK, w_ENK, offsets_E)
+    return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
+
+
+@torch.compiler.disable
+def _eager_grouped_mm(x_SK: Tensor, w_ENK: Tensor, offsets_E: Tensor) -> Tensor:
     return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
 
 
@@ -99,6 +110,8 @@ class GroupedExperts(nn.Module):
     the seeded init uses it so that a sharded expert gets the same weights as in the full model.
     """
 
+    recompute_activation = False      # set from outside by a recomputation policy
+
     def __init__(self, num_experts: int, hidden: int, ffn: int, *, layer: int, expert_offset: int = 0):
         super().__init__()
         self.num_experts, self.hidden, self.ffn, self.layer = num_experts, hidden, ffn, layer
@@ -114,7 +127,8 @@ class GroupedExperts(nn.Module):
         dtype = grouped_dtype(x_SD)
         check_alignment(self.hidden, self.ffn, dtype)
         x = x_SD.to(dtype)
-        h = F.silu(grouped_mm(x, self.w_gate.to(dtype), offsets_E)) * grouped_mm(x, self.w_up.to(dtype), offsets_E)
+        h = swiglu_activation(grouped_mm(x, self.w_gate.to(dtype), offsets_E),
+                              grouped_mm(x, self.w_up.to(dtype), offsets_E), self.recompute_activation)
         return _ContiguousGrad.apply(grouped_mm(h, self.w_down.to(dtype), offsets_E))
 
     def reference_forward(self, x_SD: Tensor, counts: Tensor | list[int]) -> Tensor:
