@@ -113,3 +113,25 @@ def test_unaligned_expert_dims_name_the_fields():
     ex = GroupedExperts(2, 8, 6, layer=0)
     with pytest.raises(ValueError, match="moe.expert_ffn_size \\(6\\)"):
         ex(torch.randn(3, 8), [1, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_grouped_experts_in_bf16_without_a_host_sync():
+    E, K, T, D, Fd = 8, 2, 512, 64, 128
+    ex = _experts(E, D, Fd).cuda()
+    x = torch.randn(T, D, device="cuda")
+    ids = torch.randint(0, E, (T, K), device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    disp = LocalDispatcher(E)
+    x_S, counts, state = disp.dispatch(x, ids, w)          # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")                 # any host sync below raises
+    try:
+        x_S, counts, state = disp.dispatch(x, ids, w)
+        y_S = ex(x_S, counts)
+        y = disp.combine(y_S, state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y_S.dtype == torch.bfloat16
+    ref = ex.reference_forward(x_S, counts)                 # fp32 loop
+    assert ((y_S.float() - ref).norm() / ref.norm()).item() < 2e-2
