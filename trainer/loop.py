@@ -115,8 +115,8 @@ def forward_backward(run: Run) -> dict:
     if run.pipeline is not None:
         return run.pipeline.forward_backward(run)
     cfg, accum = run.cfg, run.cfg.train.grad_accum
-    totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-    counts = None
+    keys = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+    sums, counts = None, None
     for micro in range(accum):
         if run.zero is not None and micro == accum - 1:
             run.zero.overlap_next_backward()  # reduce-scatter buckets while backward still runs
@@ -126,9 +126,11 @@ def forward_backward(run: Run) -> dict:
                 (run.fp8_context() if run.fp8_context else contextlib.nullcontext()):
             out = run.model(batch)
         (out.loss / accum).backward()
-        for key in totals:
-            totals[key] += float(getattr(out, key).detach()) / accum
+        # summed on the device in float64 (the same arithmetic as Python floats): no host sync per micro-batch
+        vals = torch.stack([getattr(out, key).detach().double() for key in keys]) / accum
+        sums = vals if sums is None else sums + vals
         counts = out.expert_counts if counts is None else counts + out.expert_counts
+    totals = dict(zip(keys, sums.tolist()))           # one host sync per step
     totals["expert_counts"] = counts
     return totals
 
