@@ -6,7 +6,9 @@ query is projected directly from h (DeepSeek-V2-Lite). Keys/values: one joint do
 gives the latent c_KV (kv_lora_rank) plus one rope key k_R (qk_rope_head_dim) shared by all
 heads; c_KV is RMS-normed and up-projected to per-head k_nope and v. Only c_KV and k_R would be
 cached at inference: kv_lora_rank + qk_rope_head_dim numbers per token (`cache_dim`).
-Scores use softmax scale 1/sqrt(qk_nope + qk_rope), causal and same-document masking.
+Scores use softmax scale 1/sqrt(qk_nope + qk_rope), causal and same-document masking: through
+flex_attention and the context's BlockMask on CUDA (q/k head dim N+R, v head dim V), or through
+scaled_dot_product_attention and the dense boolean mask on CPU (see `model.context`).
 
 Legend: B batch, L sequence, D hidden, H heads, N nope dims, R rope dims, V value dims,
 C kv_lora_rank.
@@ -19,6 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.layers import RMSNorm, apply_rope
+
+
+_FLEX = []
+
+
+def flex_attention():
+    """flex_attention, compiled once per process on CUDA (eager flex is a slow reference)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _FLEX.append(torch.compile(flex, dynamic=False) if torch.cuda.is_available() else flex)
+    return _FLEX[0]
 
 
 class MLA(nn.Module):
@@ -65,7 +78,9 @@ class MLA(nn.Module):
         c_kv, k_rope_BLR = self.compress_kv(x_BLD, ctx)
         k_nope, v_BLHV = self.wkv_b(c_kv).view(B, L, self.H, self.N + self.V).split([self.N, self.V], dim=-1)
         k_BLHK = torch.cat([k_nope, k_rope_BLR[:, :, None, :].expand(B, L, self.H, self.R)], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q_BLHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2),
-            attn_mask=ctx.mask, scale=self.scale)
+        q, k, v = q_BLHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2)
+        if ctx.block_mask is not None:
+            out = flex_attention()(q, k, v, block_mask=ctx.block_mask, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(B, L, self.H * self.V))

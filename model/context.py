@@ -1,9 +1,14 @@
 """Per-forward context shared by all blocks of one micro-batch.
 
 A packed row holds several documents (see `model.batch`). Every block needs the same
-per-token facts: positions that restart at each document (for RoPE), the boolean attention
-mask "causal and same document" (DeepSeek-V3 trains on packed sequences without cross-document
-attention), and which tokens are padding. MoE layers also report into the context: tokens
+per-token facts: positions that restart at each document (for RoPE), the attention mask
+"causal and same document" (DeepSeek-V3 trains on packed sequences without cross-document
+attention), and which tokens are padding. The mask takes one of two forms, built once per
+micro-batch and shared by all layers:
+- "flex" (CUDA): a flex_attention BlockMask from the segment ids; fully masked tiles are
+  skipped and no L x L tensor exists (the mask is built by a compiled kernel, tile by tile);
+- "dense" (CPU): a [B,1,L,L] boolean mask for scaled_dot_product_attention, the fastest exact
+  path on CPU (flex_attention has no CPU backward). MoE layers also report into the context: tokens
 routed per expert (for the aux-loss-free bias update, DeepSeek-V3 section 2.1.2) and their
 sequence-wise balance losses (eq. 17-20). A pipeline stage builds its own context from the
 batch with `model.make_context(batch)` and must add `ctx.balance_loss()` to what it
@@ -26,9 +31,10 @@ class Context:
     segment_ids: Tensor        # [B,L] long, -1 on padding
     cos: Tensor                # [B,L,r] fp32 RoPE angles of each token's position
     sin: Tensor                # [B,L,r]
-    mask: Tensor               # [B,1,L,L] bool, True = query may attend key
+    mask: Tensor | None        # [B,1,L,L] bool, True = query may attend key ("dense" only)
     valid: Tensor              # [B,L] bool, False on padding
     expert_counts: Tensor      # [N,E] fp32, tokens routed per expert (valid tokens only)
+    block_mask: object = None  # flex_attention BlockMask ("flex" only)
     balance_losses: list = field(default_factory=list)
 
     def balance_loss(self) -> Tensor:
@@ -47,15 +53,38 @@ def attention_mask(segment_ids_BL: Tensor) -> Tensor:
     return (same & causal)[:, None]
 
 
-def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int, num_experts: int) -> Context:
+def document_block_mask(segment_ids_BL: Tensor):
+    """flex_attention BlockMask of the same rule as `attention_mask`, without an L x L tensor on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, L = segment_ids_BL.shape
+
+    def causal_same_document(b, h, q, kv):
+        return (segment_ids_BL[b, q] == segment_ids_BL[b, kv]) & (q >= kv)
+    return create_block_mask(causal_same_document, B, None, L, L, device=segment_ids_BL.device,
+                             _compile=segment_ids_BL.is_cuda)
+
+
+def attention_path(device: torch.device, requested: str = "auto") -> str:
+    """"flex" on CUDA, "dense" elsewhere, unless one is requested."""
+    if requested not in ("auto", "flex", "dense"):
+        raise ValueError(f"attention path = {requested!r}: must be auto, flex or dense")
+    if requested != "auto":
+        return requested
+    return "flex" if device.type == "cuda" else "dense"
+
+
+def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int, num_experts: int,
+                 attention: str = "auto") -> Context:
     """Build the context of one batch from the model's RoPE tables [max_len, r]."""
     pos = batch.positions.to(cos_table.device)
     seg = batch.segment_ids.to(cos_table.device)
     if pos.numel() and int(pos.max()) >= cos_table.shape[0]:
         raise ValueError(f"a document position reaches {int(pos.max())} but model.max_seq_len = "
                          f"{cos_table.shape[0]}; raise model.max_seq_len or shorten the sequences")
+    path = attention_path(seg.device, attention)
     return Context(
         positions=pos, segment_ids=seg, cos=cos_table[pos], sin=sin_table[pos],
-        mask=attention_mask(seg), valid=seg >= 0,
+        mask=attention_mask(seg) if path == "dense" else None,
+        block_mask=document_block_mask(seg) if path == "flex" else None, valid=seg >= 0,
         expert_counts=torch.zeros(n_moe_layers, num_experts, device=cos_table.device),
     )

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import yarn_mscale
 
@@ -82,8 +83,23 @@ def apply_rope(x_BLHR: Tensor, cos_BLr: Tensor, sin_BLr: Tensor) -> Tensor:
     return out.flatten(-2).to(x_BLHR.dtype)
 
 
+def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu_activation(gate: Tensor, up: Tensor, recompute: bool = False) -> Tensor:
+    """silu(gate) * up; with `recompute`, its inner activations are recomputed in backward
+    (only gate and up are kept, DeepSeek-V3 section 3.2.3)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(_silu_mul, gate, up, use_reentrant=False)
+    return _silu_mul(gate, up)
+
+
 class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN built from three provider Linears."""
+    """Dense SwiGLU FFN built from three provider Linears. `recompute_activation` is set from
+    outside by a recomputation policy."""
+
+    recompute_activation = False
 
     def __init__(self, provider, hidden: int, ffn: int, *, kind: str, layer: int | None):
         super().__init__()
@@ -92,4 +108,4 @@ class SwiGLU(nn.Module):
         self.w_down = provider.linear(ffn, hidden, kind=kind, layer=layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(swiglu_activation(self.w_gate(x), self.w_up(x), self.recompute_activation))

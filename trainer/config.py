@@ -82,6 +82,9 @@ class TrainConfig:
     output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
     on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing; one error line naming the parameter, exit 2) or skip (drop the step; halt as above after max_nan_skips).")
     max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
+    compile: bool = doc(False, "torch.compile each transformer block (one graph per block, shared by all layers).")
+    recompute: str = doc("none", "Activation recomputation: none, selective (RMSNorm, MLA up-projections, "
+                                 "SwiGLU activation; DeepSeek-V3 section 3.2.3) or full (whole blocks).")
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum"):
@@ -89,6 +92,8 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
         require(self.dtype in ("auto", "fp32", "bf16"), "dtype", self.dtype, "must be auto, fp32 or bf16")
         require(self.on_nan in ("halt", "skip"), "on_nan", self.on_nan, "must be 'halt' or 'skip'")
+        require(self.recompute in ("none", "selective", "full"), "recompute", self.recompute,
+                "must be none, selective or full")
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,12 @@ from parallel.fp8 import te as te_backend
 from parallel.fp8.config import COMPONENT_KINDS
 from parallel.fp8.emulate import EmulatedFP8Linear, emulated_linear, spec_from_config
 from parallel.fp8.select import select_backend
+from parallel.fp8.torch_grouped import grouped_fp8_swiglu
 from parallel.fp8.torch_native import ScaledMMLinear, check_shape, scaled_mm_linear
 from model.experts import GroupedExperts
 from model.provider import LayerProvider
+
+log = logging.getLogger(__name__)
 
 
 def in_fp8(cfg, num_layers: int, kind: str, layer: int | None) -> bool:
@@ -49,17 +53,27 @@ def in_fp8(cfg, num_layers: int, kind: str, layer: int | None) -> bool:
 
 
 class FP8GroupedExperts(GroupedExperts):
-    """GroupedExperts whose per-expert GEMMs go through an FP8 `linear(x, w) -> x @ w.T`.
+    """GroupedExperts whose GEMMs run in FP8: per expert through `linear(x, w) -> x @ w.T`, or,
+    with `grouped` (torch backend, rowwise, CUDA), all experts in one `torch._scaled_grouped_mm`
+    per GEMM with device-side offsets (`parallel/fp8/torch_grouped.py`). `path` names which.
 
     Same parameters, init and contract as the BF16 GroupedExperts (the model's seeded init finds
     it by type), so a BF16 and an FP8 model built from one seed start from identical weights.
     """
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int, *, layer: int, linear, backend: str):
+    def __init__(self, num_experts: int, hidden: int, ffn: int, *, layer: int, linear, backend: str,
+                 grouped: bool = False, pow2: bool = True):
         super().__init__(num_experts, hidden, ffn, layer=layer)
-        self.linear, self.backend = linear, backend
+        self.linear, self.backend, self.grouped, self.pow2 = linear, backend, grouped, pow2
+
+    @property
+    def path(self) -> str:
+        return "scaled_grouped_mm" if self.grouped else "per-expert loop"
 
     def forward(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
+        if self.grouped:
+            counts_E = self._counts_tensor(counts, x_SD.device)
+            return grouped_fp8_swiglu(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, self.pow2)
         counts = [int(c) for c in counts]
         if len(counts) != self.num_experts or sum(counts) != x_SD.shape[0]:
             raise ValueError(f"counts {counts} do not match {self.num_experts} experts and {x_SD.shape[0]} rows")
@@ -71,7 +85,7 @@ class FP8GroupedExperts(GroupedExperts):
         return torch.cat(outs, dim=0)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", fp8={self.backend}"
+        return super().extra_repr() + f", fp8={self.backend}, path={self.path}"
 
 
 class FP8LayerProvider(LayerProvider):
@@ -116,7 +130,16 @@ class FP8LayerProvider(LayerProvider):
         if self.backend == "te":
             base = super().grouped_experts(num_experts, hidden, ffn, layer=layer)
             return te_backend.TEGroupedExperts(base, self.cfg.recipe)
-        return FP8GroupedExperts(num_experts, hidden, ffn, layer=layer, linear=self._fn, backend=self.backend)
+        grouped = self.backend == "torch" and grouped_kernel_available(self.cfg.recipe)
+        experts = FP8GroupedExperts(num_experts, hidden, ffn, layer=layer, linear=self._fn, backend=self.backend,
+                                    grouped=grouped, pow2=self.cfg.power_of_two_scales)
+        log.info("fp8 experts layer %s: backend %s, %s", layer, self.backend, experts.path)
+        return experts
+
+
+def grouped_kernel_available(recipe: str) -> bool:
+    """The fused FP8 grouped GEMM exists for rowwise scaling on sm90 CUDA only."""
+    return recipe == "rowwise" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
 def _emulate_fn(x, w, *, spec):

@@ -59,7 +59,7 @@ def _blockwise_mm(a_MK, b_NK, b_is_weight: bool, pow2: bool, out_dtype) -> torch
 def scaled_gemm(a_MK: torch.Tensor, b_NK: torch.Tensor, mode: str, *, b_is_weight: bool = False,
                 pow2: bool = True, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a @ b.T in FP8: both operands quantized along K with `mode`'s scaling, FP32 accumulation."""
-    if a_MK.shape[0] == 0 or b_NK.shape[0] == 0:  # an expert that got no tokens
+    if 0 in (a_MK.shape[0], b_NK.shape[0], a_MK.shape[1]):  # an expert that got no tokens
         return a_MK.new_zeros(a_MK.shape[0], b_NK.shape[0], dtype=out_dtype)
     multiple = BLOCK if mode == "blockwise" else ALIGN
     a_MK, b_NK = _pad_k(a_MK, multiple), _pad_k(b_NK, multiple)

@@ -72,3 +72,15 @@ def test_base_loop_and_missing_files_are_clear(tmp_path):
 
 def test_empty_config_is_the_default_run():
     assert load_config(None) == Config()
+
+
+def test_compile_on_a_platform_without_a_compiler_is_one_line(monkeypatch):
+    import shutil
+
+    import pytest as _pytest
+    import torch
+
+    from parallel.compile import check_compile_platform
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with _pytest.raises(ValueError, match="train.compile=true on CPU needs a C\\+\\+ compiler.*train.compile=false"):
+        check_compile_platform(torch.device("cpu"))

@@ -1,0 +1,62 @@
+"""MLA through flex_attention + BlockMask vs the dense-mask SDPA path: same forward (CPU, eager
+flex has no CPU backward) and same gradients (CUDA, run by benchmarks/gpu_check.sh)."""
+import pytest
+import torch
+
+from model.attention import MLA
+from model.batch import make_batch
+from model.context import attention_path, make_context
+from model.layers import rope_tables
+from model.provider import LayerProvider
+from trainer.config import load_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _setup(device, L=40, dtype=torch.float32):
+    # q/k head dim 8 + 8 = 16, v head dim 8: MLA's differing head dims
+    cfg = load_config(None, ["model.hidden_size=32", "model.max_seq_len=64", "data.seq_len=64",
+                             "attention.num_heads=2", "attention.kv_lora_rank=16", "attention.q_lora_rank=16",
+                             "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=8", "attention.v_head_dim=8"])
+    torch.manual_seed(0)
+    mla = MLA(LayerProvider(), 32, cfg.attention, eps=1e-6, layer=0).to(device, dtype)
+    # three documents and padding in row 0, one document in row 1
+    batch = make_batch(torch.zeros(2, L, dtype=torch.long), [[13, 20, 3], [L]])
+    cos, sin = rope_tables(8, 64, cfg.attention.rope_theta, device=device)
+    x = torch.randn(2, L, 32, device=device, dtype=dtype)
+    ctxs = {p: make_context(batch, cos, sin, 0, 1, attention=p) for p in ("dense", "flex")}
+    return mla, x, ctxs
+
+
+def test_flex_context_holds_no_dense_mask_and_auto_picks_by_device():
+    _, _, ctxs = _setup("cpu")
+    assert ctxs["flex"].mask is None and ctxs["flex"].block_mask is not None
+    assert ctxs["dense"].block_mask is None and ctxs["dense"].mask.shape == (2, 1, 40, 40)
+    assert attention_path(torch.device("cpu")) == "dense"
+    assert attention_path(torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="auto, flex or dense"):
+        attention_path(torch.device("cpu"), "varlen")
+
+
+@torch.no_grad()
+def test_flex_forward_equals_dense_on_cpu():
+    mla, x, ctxs = _setup("cpu")
+    dense, flex = mla(x, ctxs["dense"]), mla(x, ctxs["flex"])
+    valid = ctxs["dense"].valid
+    torch.testing.assert_close(flex[valid], dense[valid], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_flex_forward_and_gradients_equal_dense_on_cuda():
+    mla, x, ctxs = _setup("cuda", L=300)
+    x.requires_grad_(True)
+    valid = ctxs["dense"].valid
+    outs, grads = [], []
+    for path in ("dense", "flex"):
+        y = mla(x, ctxs[path])
+        g = torch.autograd.grad(y[valid].square().sum(), [x, *mla.parameters()])
+        outs.append(y[valid])
+        grads.append(g)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
