@@ -23,8 +23,6 @@ class ParallelConfig:
     schedule: str = doc("1f1b", "Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo.")
     node_limited_dispatch: bool = doc(True, "Two-stage all-to-all: a token crosses to a remote node once, then fans out inside it.")
-    recompute: bool = doc(False, "Pipeline runs (pp > 1): recompute each block's compute pieces (attention + router, "
-                                 "experts, shared expert, dense blocks) in the backward; all-to-alls are never re-issued.")
     layout: list = doc([], "Blocks of each pipeline stage, embedding side first: block counts ([3, 4, 4, 3]) or block-index lists ([[0, 1, 2], [3, 4, 5, 6], ...]); [] = near-equal split. Stages: pp, or 2 x pp for dualpipev. `python -m trainer.plan` proposes one.")
 
     def __post_init__(self):
@@ -34,8 +32,6 @@ class ParallelConfig:
         require(self.ranks_per_node >= 0, "ranks_per_node", self.ranks_per_node, "must be >= 0 (0 = LOCAL_WORLD_SIZE)")
         require(self.schedule in SCHEDULE_NAMES, "schedule", self.schedule,
                 f"must be one of {', '.join(SCHEDULE_NAMES)}")
-        require(not self.recompute or self.pp > 1, "recompute", self.recompute,
-                "applies to pipeline runs only: set parallel.pp > 1, or recompute = false")
         require(self.backend in ("auto", "nccl", "gloo"), "backend", self.backend, "must be auto, nccl or gloo")
         require(all(isinstance(x, (int, list)) and not isinstance(x, bool) for x in self.layout), "layout",
                 self.layout, "must be a list of block counts or of block-index lists, e.g. [3, 4, 4, 3]")

@@ -81,9 +81,11 @@ def build_run(cfg: Config, stream, topology=None, device: torch.device | None = 
     provider, fp8_context = fp8_provider(cfg)
     if topology is not None and topology.pp > 1:
         from trainer.pipeline_run import build_pipeline_run
-        if cfg.train.compile or cfg.train.recompute != "none":
-            raise ConfigError("train.compile / train.recompute are not applied to pipeline stages yet; "
-                              "set train.compile=false and train.recompute=none with parallel pipeline > 1")
+        if cfg.train.compile or cfg.train.recompute == "selective":
+            raise ConfigError(f"train.compile = {cfg.train.compile}, train.recompute = {cfg.train.recompute!r}: "
+                              "pipeline stages (parallel.pp > 1) support recompute none or full (whole pieces, "
+                              "never an all-to-all) and no compile yet; set train.compile=false and "
+                              "train.recompute=full or none")
         return build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, fp8_context)
     model = build_model(cfg, provider=provider).to(device)
     if topology is None or topology.world_size == 1:

@@ -12,7 +12,7 @@ A chunk builds its own per-micro-batch context; a stage without the head back-pr
 MoE balance losses as the chunk's `aux` (model.context) and reports its expert loads, which the
 caller sums with the head stage's for the bias update. `ModelChunk` runs the stage's forward in
 one piece, or piece by piece (`pieces.stage_steps`) under activation recomputation
-(`parallel.recompute`); `overlap.OverlapModelChunk` always runs it in pieces.
+(`train.recompute: full`); `overlap.OverlapModelChunk` always runs it in pieces.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def build_union_chunks(cfg, schedule: Schedule, rank: int, batches: list, split_
 
     Returns (model, chunks). With `split_w` (and no `provider`) the linears of each chunk defer
     dW to that chunk's W; a given `provider` (e.g. FP8) is used as is and W stays empty.
-    `chunk_cls(stage, batches, deferral, recompute=parallel.recompute)` builds each chunk.
+    `chunk_cls(stage, batches, deferral, recompute=train.recompute == "full")` builds each chunk.
     Experts are not sharded here (the caller may `parallelize_experts` the model afterwards).
     """
     S = schedule.placement.num_stages
@@ -106,6 +106,6 @@ def build_union_chunks(cfg, schedule: Schedule, rank: int, batches: list, split_
     model = build_model(cfg, provider=provider, layers=sorted(i for _, ls in stages for i in ls),
                         embed=any(s == 0 for s, _ in stages), head=any(s == S - 1 for s, _ in stages))
     chunks = [chunk_cls(model.stage(layers, embed=s == 0, head=s == S - 1), batches, d,
-                        recompute=cfg.parallel.recompute)
+                        recompute=cfg.train.recompute == "full")
               for (s, layers), d in zip(stages, deferrals)]
     return model, chunks

@@ -30,7 +30,7 @@ def _batches(seed):
 
 
 def _one(topo, pair, chunk_cls, recompute=False):
-    cfg = _cfg("parallel.pp=2", "parallel.ep=2", f"parallel.recompute={recompute}")
+    cfg = _cfg("parallel.pp=2", "parallel.ep=2", f"train.recompute={'full' if recompute else 'none'}")
     s = build_schedule("dualpipev", topo.pp, N)
     model, chunks = build_union_chunks(cfg, s, topo.pp_rank, _batches(topo.dp_rank), split_w=True,
                                        chunk_cls=chunk_cls)

@@ -33,7 +33,7 @@ def _batches():
 def _run(chunk_cls=ModelChunk, recompute=False):
     s = build_schedule("zb1p", 1, N)
     _, chunks = build_union_chunks(_cfg(), s, 0, _batches(), split_w=True, chunk_cls=chunk_cls)
-    for chunk in chunks:  # parallel.recompute is for pp > 1 only: switch it on the chunk here
+    for chunk in chunks:  # train.recompute=full reaches chunks only at pp > 1: switch it on the chunk here
         chunk.recompute = recompute
     rt = PipelineRuntime(s, 0, chunks)
     results = rt.run()
