@@ -32,3 +32,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory):
+    """(checkpoint dir, Config) of a small randomly initialised model whose config points at
+    `tiny_data` (so its tokenizer and validation split are found), written as training does."""
+    import torch
+
+    from model.transformer import build_model
+    from trainer.checkpoint import write_checkpoint
+    from trainer.config import dump_yaml, load_config
+
+    _, data_cfg = tiny_data
+    cfg = load_config(None, [f"data.output_dir={data_cfg.output_dir}", f"data.bundled_mb={data_cfg.bundled_mb}",
+                             f"data.valid_fraction={data_cfg.valid_fraction}", "model.hidden_size=64",
+                             "model.num_layers=2", "model.dense_ffn_size=128", "moe.expert_ffn_size=32",
+                             "train.micro_batch_size=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    root = str(tmp_path_factory.mktemp("tiny_ckpt"))
+    path = write_checkpoint(root, 1, {"model": model.state_dict(), "step": 1}, dump_yaml(cfg), keep_last=1)
+    return path, cfg
