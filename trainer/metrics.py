@@ -5,13 +5,22 @@ over the wall time of the step. Model FLOPs come from `trainer.flops.flops_per_t
 activated parameters per token for forward+backward plus the attention score/value products; the
 formula is documented there); TFLOP/s = tokens/s x FLOPs/token, MFU = that / the device's peak
 dense TFLOP/s. Load balance: MaxVio = max(load)/mean(load) - 1 per MoE layer (DeepSeek-V3's
-ablations use it), averaged over MoE layers.
+ablations use it), averaged over MoE layers; at logged steps the record also carries
+`expert_load`, each MoE layer's fraction of routed tokens per expert (for the heatmap of
+`trainer.plot`).
+
+Time: every console line shows the elapsed wall time, the ETA (this process's mean seconds per
+step times the steps left), tokens/s averaged over the steps since the previous line (single
+steps swing with load), and peak memory (the CUDA allocator's peak, or the process's peak RSS
+on CPU). `summary` closes the run: steps, time, mean throughput, best validation loss and where
+the checkpoints, metrics and plots are.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import resource
 import time
 
 import torch
@@ -44,6 +53,25 @@ def max_violation(counts: torch.Tensor) -> float:
     return (counts.max(dim=1).values / mean - 1).mean().item()
 
 
+def expert_load(counts: torch.Tensor) -> list[list[float]]:
+    """Per MoE layer, each expert's fraction of the layer's routed tokens ([n_moe_layers][E])."""
+    counts = counts.double()
+    return (counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-12)).tolist()
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated by this process, or (CPU) its peak resident set size, in MiB."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
 def setup_logging(output_dir: str | None, rank: int = 0) -> None:
     """Console on rank 0 (warnings elsewhere), plus output_dir/train.log."""
     level = logging.INFO if rank == 0 else logging.WARNING
@@ -67,8 +95,14 @@ class MetricsWriter:
     def __init__(self, output_dir: str, every: int, tensorboard: bool, enabled: bool = True):
         self.every = every
         self.enabled = enabled
+        self.output_dir = output_dir
         self._jsonl = None
         self._tb = None
+        self._t0 = time.perf_counter()
+        self._steps = 0                    # steps written by this process
+        self._tokens = self._seconds = 0.0          # whole run (this process)
+        self._win_tokens = self._win_seconds = 0.0  # since the last console line
+        self.best_val: tuple[float, int] | None = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -78,16 +112,56 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
 
     def write(self, step: int, total: int, m: dict) -> None:
+        counts = m.pop("expert_counts", None)
         if not self.enabled:
             return
+        printed = step % self.every == 0 or step == total or step == 1
+        self._account(step, total, m, printed)
+        if printed and counts is not None and counts.numel():
+            m["expert_load"] = expert_load(counts)
         self._jsonl.write(json.dumps({"step": step, **m}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in m.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
-        if step % self.every == 0 or step == total or step == 1:
+        if printed:
             log.info(format_line(step, total, m))
+
+    def _account(self, step: int, total: int, m: dict, printed: bool) -> None:
+        """Adds elapsed_s, eta_s, peak_mem_MB (and at printed steps tokens_per_s_window) to m."""
+        tokens = m.get("tokens_per_s", 0.0) * m.get("step_time", 0.0)
+        self._steps += 1
+        self._tokens += tokens
+        self._seconds += m.get("step_time", 0.0)
+        self._win_tokens += tokens
+        self._win_seconds += m.get("step_time", 0.0)
+        elapsed = time.perf_counter() - self._t0
+        m.update(elapsed_s=elapsed, eta_s=elapsed / self._steps * max(total - step, 0), peak_mem_MB=peak_memory_mb())
+        if isinstance(m.get("val_loss"), float) and (self.best_val is None or m["val_loss"] < self.best_val[0]):
+            self.best_val = (m["val_loss"], step)
+        if printed:
+            m["tokens_per_s_window"] = self._win_tokens / self._win_seconds if self._win_seconds else 0.0
+            self._win_tokens = self._win_seconds = 0.0
+
+    def summary(self, step: int, checkpoints: str | None, plots: list[str] | None) -> str:
+        """The closing lines of a run (logged and returned)."""
+        elapsed = time.perf_counter() - self._t0
+        mean = self._tokens / self._seconds if self._seconds else 0.0
+        best = (f"best validation loss {self.best_val[0]:.4f} at step {self.best_val[1]}" if self.best_val
+                else "no validation loss (set data.valid_fraction > 0 and eval.every)")
+        text = (f"done: {self._steps} steps this session (at step {step}) in {format_duration(elapsed)}, "
+                f"mean {mean:,.0f} tokens/s, peak memory {peak_memory_mb():,.0f} MiB; {best}\n"
+                f"  checkpoints: {checkpoints or 'none written'}\n"
+                f"  metrics:     {os.path.join(self.output_dir, 'metrics.jsonl')}\n"
+                f"  plots:       {os.path.dirname(plots[0]) if plots else 'none'}")
+        if self.enabled:
+            log.info(text)
+        return text
+
+    def flush(self) -> None:
+        if self._jsonl:
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._jsonl:
@@ -98,9 +172,20 @@ class MetricsWriter:
 
 def format_line(step: int, total: int, m: dict) -> str:
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
+    tps = m.get("tokens_per_s_window", m["tokens_per_s"])
+    tflops = m["tflops"] * tps / m["tokens_per_s"] if m["tokens_per_s"] else m["tflops"]  # window mean too
+    if m.get("mfu") is not None and m["tflops"]:
+        mfu = f"{100 * m['mfu'] * tflops / m['tflops']:.1f}%"
     line = (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lm {m['lm_loss']:.4f} | mtp {m['mtp_loss']:.4f} "
             f"| bal {m['balance_loss']:.2e} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} "
-            f"| tok/s {m['tokens_per_s']:,.0f} | TFLOP/s {m['tflops']:.3f} | MFU {mfu} | maxvio {m['maxvio']:.3f}")
+            f"| tok/s {tps:,.0f} | TFLOP/s {tflops:.3f} | MFU {mfu} | maxvio {m['maxvio']:.3f}")
+    if "val_loss" in m:
+        line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f}"
+        if m.get("val_mtp_loss") is not None:
+            line += f" mtp {m['val_mtp_loss']:.4f}"
+    if "elapsed_s" in m:
+        line += (f" | {format_duration(m['elapsed_s'])} elapsed, ETA {format_duration(m['eta_s'])} "
+                 f"| mem {m['peak_mem_MB']:,.0f} MiB")
     if "a2a_cross_node_MB" in m:
         line += f" | a2a MB x-node {m['a2a_cross_node_MB']:.2f} in-node {m['a2a_intra_node_MB']:.2f}"
     return line

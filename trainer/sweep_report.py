@@ -6,7 +6,8 @@ A run's final value of a metric is its mean over the last `summary_window` steps
 values of a tiny model are noisy, and DeepSeek's MaxVio tables also report a training-window
 value rather than one batch. The plot has the loss curve of every run, then one panel per metric
 against the swept value named by `plot_x` (or against the run when there is no numeric axis).
-Outputs: `<sweep output_dir>/results.csv`, `results.md`, `results.png`.
+Outputs: `<sweep output_dir>/results.csv`, `results.md`, `results.png`, and
+`plots/loss_overlay.png` (training and validation loss of every run on one axis, `trainer.plot`).
 """
 from __future__ import annotations
 
@@ -130,6 +131,10 @@ def collect_and_report(sweep, runs, configs) -> list[dict]:
                 f"{sweep.summary_window} steps.\n\n{table}")
     try:
         plot(sweep, runs, rows, out + ".png")
+        from trainer.plot import loss_overlay
+        os.makedirs(os.path.join(sweep.output_dir, "plots"), exist_ok=True)
+        loss_overlay([r.output_dir for r in runs if read_metrics(r.output_dir)],
+                     os.path.join(sweep.output_dir, "plots", "loss_overlay.png"), sweep.output_dir)
     except ImportError:
         print("matplotlib is not installed: skipped results.png (pip install matplotlib)")
     print(table + f"\nwrote {out}.csv, {out}.md, {out}.png")

@@ -125,6 +125,8 @@ def _run(cfg, topology, device, previous_holder) -> int:
                             enabled=topology.rank == 0)
     try:
         train(run_, metrics)
+        if topology.rank == 0:
+            finish(cfg, run_, metrics)
     finally:
         metrics.close()
         for sig, handler in previous_handlers.items():
@@ -134,6 +136,20 @@ def _run(cfg, topology, device, previous_holder) -> int:
                     run_.step, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
     return 0
+
+
+def finish(cfg, run_, metrics) -> None:
+    """Plots of the run into output_dir/plots/ and the closing summary (rank 0)."""
+    from trainer import checkpoint as ckpt
+    from trainer.plot import plot_run
+    metrics.flush()
+    try:
+        plots = plot_run(cfg.train.output_dir)
+    except (ImportError, FileNotFoundError) as e:
+        log.warning("no plots: %s", e)
+        plots = []
+    metrics.summary(run_.step, ckpt.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints")), plots)
+
 
 if __name__ == "__main__":
     sys.exit(main())

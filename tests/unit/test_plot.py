@@ -1,0 +1,79 @@
+"""`python -m trainer.plot`: every picture holds the series of metrics.jsonl it claims to draw;
+the log line tells time; a sweep gets one overlay of its runs' loss curves."""
+import json
+import os
+
+import pytest
+import torch
+
+from trainer.metrics import MetricsWriter, format_line
+from trainer.plot import main, read_series
+
+
+def _write_run(out, steps=12, every=5, val_every=4):
+    w = MetricsWriter(str(out), every=every, tensorboard=False)
+    for step in range(1, steps + 1):
+        counts = torch.tensor([[10.0 + step, 30.0 - step, 20.0, 20.0], [5.0, 5.0, 50.0, 20.0]])
+        m = {"loss": 9.0 - 0.3 * step, "lm_loss": 8.8 - 0.3 * step, "mtp_loss": 9.1 - 0.3 * step,
+             "balance_loss": 1e-4, "lr": 1e-3 * step / steps, "grad_norm": 2.0 / step, "tokens_per_s": 100.0 * step,
+             "step_time": 0.5, "tflops": 0.01, "mfu": None, "maxvio": 1.0 / step, "expert_counts": counts}
+        if step % val_every == 0:
+            m.update(val_loss=8.5 - 0.2 * step, val_ppl=2.0, val_mtp_loss=8.6 - 0.2 * step)
+        w.write(step, steps, m)
+    w.close()
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_plots_hold_the_metrics_series(tmp_path):
+    records = _write_run(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    plots = tmp_path / "plots"
+    loss = read_series(plots / "loss.png")
+    assert loss["loss"]["value"] == [r["loss"] for r in records]
+    assert loss["val_loss"]["step"] == [4, 8, 12]
+    assert loss["val_loss"]["value"] == [r["val_loss"] for r in records if "val_loss" in r]
+    assert read_series(plots / "lr.png")["lr"]["value"] == [r["lr"] for r in records]
+    assert read_series(plots / "grad_norm.png")["grad_norm"]["value"] == [r["grad_norm"] for r in records]
+    assert read_series(plots / "maxvio.png")["maxvio"]["value"] == [r["maxvio"] for r in records]
+    heat = read_series(plots / "expert_load.png")
+    assert heat["step"] == [1, 5, 10, 12]                       # the logged steps carry expert loads
+    # step 5, layer 0: counts 15, 25, 20, 20 -> load / mean load
+    assert heat["relative_load"][0][1] == pytest.approx([0.75, 1.25, 1.0, 1.0])
+    assert heat["relative_load"][1][0] == pytest.approx([0.25, 0.25, 2.5, 1.0])
+
+
+def test_log_line_has_elapsed_eta_window_throughput_and_memory(tmp_path):
+    records = _write_run(tmp_path, steps=10, every=5)
+    r5, r10 = records[4], records[9]
+    assert r5["tokens_per_s_window"] == pytest.approx(sum(100.0 * s for s in range(2, 6)) / 4)  # steps 2..5
+    assert r10["tokens_per_s_window"] == pytest.approx(sum(100.0 * s for s in range(6, 11)) / 5)
+    assert r10["eta_s"] == 0 and r5["eta_s"] > 0 and r5["peak_mem_MB"] > 0
+    line = format_line(5, 10, r5)
+    assert f"tok/s {r5['tokens_per_s_window']:,.0f}" in line and "elapsed, ETA" in line and "MiB" in line
+
+
+def test_summary_names_best_validation_loss_and_paths(tmp_path):
+    w = MetricsWriter(str(tmp_path), every=1, tensorboard=False)
+    base = {"loss": 1.0, "lm_loss": 1.0, "mtp_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "grad_norm": 1.0,
+            "tokens_per_s": 10.0, "step_time": 1.0, "tflops": 0.0, "mfu": None, "maxvio": 0.0}
+    for step, val in ((1, 5.0), (2, 4.0), (3, 4.5)):
+        w.write(step, 3, {**base, "val_loss": val, "val_ppl": 1.0})
+    text = w.summary(3, "ck/step_00000003", ["p/plots/loss.png"])
+    assert "best validation loss 4.0000 at step 2" in text and "mean 10 tokens/s" in text
+    assert "ck/step_00000003" in text and "p/plots" in text and "metrics.jsonl" in text
+
+
+def test_sweep_overlay_holds_every_runs_loss(tmp_path):
+    a = _write_run(tmp_path / "runs" / "a")
+    _write_run(tmp_path / "runs" / "b", steps=6)
+    assert main([str(tmp_path)]) == 0
+    data = read_series(tmp_path / "plots" / "loss_overlay.png")
+    assert sorted(data) == [os.path.join("runs", "a"), os.path.join("runs", "b")]
+    assert data[os.path.join("runs", "a")]["loss"]["value"] == [r["loss"] for r in a]
+    assert len(data[os.path.join("runs", "b")]["loss"]["step"]) == 6
+
+
+def test_plot_of_a_directory_without_metrics_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Pictures of a run: `python -m trainer.plot RUN_DIR` (also at the end of every training run).
+
+From RUN_DIR/metrics.jsonl (one record per step, resumed steps de-duplicated) into RUN_DIR/plots/:
+  loss.png         training loss (total and lm), MTP loss, and validation loss at its steps
+  lr.png           learning rate
+  grad_norm.png    gradient norm before clipping
+  maxvio.png       MaxVio = max load / mean load - 1 (DeepSeek-V3's balance measure)
+  expert_load.png  per MoE layer, load of every expert / mean load over the logged steps: the
+                   auxiliary-loss-free bias update (DeepSeek-V3 section 2.1.2) at work shows as
+                   the picture turning uniform
+Every PNG also carries the series it draws as JSON in its `moepipe:series` text chunk, so a test
+(or a reader) can check a picture against the data. For a sweep's output directory (run
+directories below it) it prints the sweep's results table and writes plots/loss_overlay.png,
+every run's training and validation loss on one axis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from trainer.sweep_report import read_metrics
+
+SERIES_KEY = "moepipe:series"
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records where `key` is a number."""
+    pts = [(r["step"], float(r[key])) for r in records
+           if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str, data: dict) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={SERIES_KEY: json.dumps(data)})
+    _pyplot().close(fig)
+    return path
+
+
+def line_plot(records: list[dict], keys: list[str], title: str, path: str, log_y: bool = False) -> str | None:
+    plt = _pyplot()
+    data = {k: series(records, k) for k in keys}
+    data = {k: v for k, v in data.items() if v[0]}
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, (steps, values) in data.items():
+        ax.plot(steps, values, label=key, linewidth=1, marker="o" if len(steps) < 30 else None, markersize=3)
+    ax.set(xlabel="step", title=title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, {k: {"step": s, "value": v} for k, (s, v) in data.items()})
+
+
+def _relative(loads: list[float]) -> list[float]:
+    mean = max(sum(loads) / len(loads), 1e-12)
+    return [x / mean for x in loads]
+
+
+def expert_load_heatmap(records: list[dict], path: str) -> str | None:
+    """One panel per MoE layer: experts x logged steps, load / mean load (1 = balanced)."""
+    recs = [r for r in records if isinstance(r.get("expert_load"), list) and r["expert_load"]]
+    if not recs:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in recs]
+    n_layers = len(recs[0]["expert_load"])
+    rel = [[_relative(r["expert_load"][layer]) for r in recs] for layer in range(n_layers)]  # [layer][step][E]
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 1.6 * n_layers), squeeze=False)
+    for layer, ax in enumerate(axes[:, 0]):
+        grid = list(map(list, zip(*rel[layer])))                             # [expert][step]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(grid) - 0.5, -0.5))
+        ax.set(ylabel=f"MoE layer {layer}\nexpert", title="expert load / mean load" if layer == 0 else None)
+        fig.colorbar(im, ax=ax)
+    axes[-1, 0].set_xlabel("step")
+    return _save(fig, path, {"step": steps, "relative_load": rel})
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """All pictures of one run into run_dir/plots/; returns the paths written."""
+    records = read_metrics(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl records; give a run's train.output_dir")
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    made = [line_plot(records, ["loss", "lm_loss", "mtp_loss", "val_loss", "val_mtp_loss"], "loss",
+                      os.path.join(out, "loss.png")),
+            line_plot(records, ["lr"], "learning rate", os.path.join(out, "lr.png")),
+            line_plot(records, ["grad_norm"], "gradient norm (before clipping)", os.path.join(out, "grad_norm.png"),
+                      log_y=True),
+            line_plot(records, ["maxvio"], "MaxVio (max / mean expert load - 1)", os.path.join(out, "maxvio.png")),
+            expert_load_heatmap(records, os.path.join(out, "expert_load.png"))]
+    return [p for p in made if p]
+
+
+def run_dirs(sweep_dir: str) -> list[str]:
+    """Directories below sweep_dir that hold a metrics.jsonl (a sweep's runs), sorted."""
+    found = []
+    for root, _, files in os.walk(sweep_dir):
+        if "metrics.jsonl" in files:
+            found.append(root)
+    return sorted(found)
+
+
+def loss_overlay(dirs: list[str], path: str, base: str) -> str:
+    """Every run's training loss (solid) and validation loss (dashed) on one axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    data = {}
+    for d in dirs:
+        name = os.path.relpath(d, base)
+        records = read_metrics(d)
+        train, valid = series(records, "loss"), series(records, "val_loss")
+        line = ax.plot(*train, linewidth=1, label=name)[0]
+        if valid[0]:
+            ax.plot(*valid, linestyle="--", marker="o", markersize=3, color=line.get_color())
+        data[name] = {"loss": {"step": train[0], "value": train[1]},
+                      "val_loss": {"step": valid[0], "value": valid[1]}}
+    ax.set(xlabel="step", ylabel="loss", title="training loss (solid), validation loss (dashed)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, data)
+
+
+def plot_sweep(sweep_dir: str) -> list[str]:
+    dirs = [d for d in run_dirs(sweep_dir) if os.path.abspath(d) != os.path.abspath(sweep_dir)]
+    table = os.path.join(sweep_dir, "results.md")
+    if os.path.isfile(table):
+        with open(table, encoding="utf-8") as f:
+            print(f.read())
+    out = os.path.join(sweep_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    return [loss_overlay(dirs, os.path.join(out, "loss_overlay.png"), sweep_dir)]
+
+
+def read_series(path: str) -> dict:
+    """The series a PNG written here claims to draw."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return json.loads(im.text[SERIES_KEY])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a run's train.output_dir (or a sweep's output_dir)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        print(f"error: {args.run_dir}: no such directory; give a run's train.output_dir", file=sys.stderr)
+        return 2
+    try:
+        if os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+            paths = plot_run(args.run_dir)
+        elif run_dirs(args.run_dir):
+            paths = plot_sweep(args.run_dir)
+        else:
+            raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl in it or below it; give a run's "
+                                    "train.output_dir or a sweep's output_dir")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
