@@ -123,11 +123,23 @@ class LoggingConfig:
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Validation during training on the held-out split (needs data.valid_fraction > 0)."""
+
+    every: int = doc(100, "Validate every N steps and after the last step; 0 = never.")
+    batches: int = doc(4, "Micro-batches of train.micro_batch_size per validation (the first ones of the split, the same every time).")
+
+    def __post_init__(self):
+        require(self.every >= 0, "every", self.every, "must be >= 0 (0 = no validation)")
+        require(self.batches >= 1, "batches", self.batches, "must be >= 1")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig, "mtp": MTPConfig,
     "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig, "dedup": DedupConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig,
+    "logging": LoggingConfig, "eval": EvalConfig,
 }
 
 
@@ -148,6 +160,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         """Checks that span sections; raises ConfigError naming both fields."""
