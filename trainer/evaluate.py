@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -28,12 +29,17 @@ import torch
 from trainer.config import ConfigError
 
 EXIT_USER_ERROR = 2
+log = logging.getLogger("moepipe")
+
+
+def valid_dirs_unchecked(cfg) -> list[str]:
+    from data.prepare import prepared_dir
+    return [prepared_dir(cfg.data, cfg.dedup)] + list(cfg.data.blend)
 
 
 def valid_dirs(cfg) -> list[str]:
     """Prepared dataset dirs of the run (this one, then data.blend's), each with a validation split."""
-    from data.prepare import prepared_dir
-    dirs = [prepared_dir(cfg.data, cfg.dedup)] + list(cfg.data.blend)
+    dirs = valid_dirs_unchecked(cfg)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "meta.json")):
             raise ConfigError(f"{d}: the run's data is not prepared here; run python -m trainer.prepare "
@@ -111,6 +117,27 @@ def validate(run) -> dict:
         torch.distributed.all_reduce(sums, group=topo.group("dp"))
     out = finish(sums, cfg.mtp.depth > 0)
     out["val_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def maybe_validate(run) -> dict:
+    """Validation metrics when this step is due (every eval.every steps and the last), else {}."""
+    cfg = run.cfg
+    due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps)
+    if not due:
+        return {}
+    if cfg.data.valid_fraction == 0 or run.pipeline is not None:
+        why = ("data.valid_fraction = 0 (no held-out split); set it > 0 to validate" if cfg.data.valid_fraction == 0
+               else "validation under pipeline parallelism (parallel.pp > 1) is not implemented yet")
+        log.warning("step %d: no validation: %s", run.step, why)
+        return {}
+    if not os.path.isfile(os.path.join(valid_dirs_unchecked(cfg)[0], "valid.idx")):
+        log.warning("step %d: no validation: data.valid_fraction = %s of this corpus rounds to 0 sequences; "
+                    "raise it", run.step, cfg.data.valid_fraction)
+        return {}
+    out = validate(run)
+    if run.dispatcher is not None:  # the validation all-to-alls are not the training step's traffic
+        run.dispatcher.stats.reset()
     return out
 
 

@@ -52,9 +52,11 @@ def read_model_state(path: str) -> dict:
     """Model tensors (our names, full shapes) of a single-process or DCP checkpoint."""
     if os.path.isfile(os.path.join(path, "manifest.json")):
         state = ckpt.read_checkpoint(path)
-        if "model" not in state:
+        if "model" in state:
+            return state["model"]
+        if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
             raise ckpt.CheckpointError(f"{path}/state.pt: no 'model' entry")
-        return state["model"]
+        path = os.path.join(path, "dcp")  # a multi-rank step: state.pt holds the extras, dcp/ the tensors
     if os.path.isfile(os.path.join(path, ".metadata")):
         full = ckpt.read_dcp(path)
         return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}

@@ -22,6 +22,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed as dist_run
 from model.batch import make_batch
 from trainer.config import Config, ConfigError, dump_yaml
+from trainer.evaluate import maybe_validate
 from trainer.flops import flops_per_token
 from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
 from model.transformer import build_model
@@ -318,8 +319,9 @@ def train(run: Run, metrics: MetricsWriter) -> Run:
             run.step += 1
             tps = tokens_per_step / seconds
             m.update(lr=lr, step_time=seconds, tokens_per_s=tps, tflops=tps * flops_tok / 1e12,
-                     maxvio=max_violation(m.pop("expert_counts")), skipped=not stepped)
+                     maxvio=max_violation(m["expert_counts"]), skipped=not stepped)
             m["mfu"] = m["tflops"] / peak if peak else None
+            m.update(maybe_validate(run))
             metrics.write(run.step, cfg.train.steps, m)
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < cfg.train.steps:
                 save(run, writer)
