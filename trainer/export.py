@@ -19,6 +19,7 @@ is a deployment choice, the bf16 form loads everywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -133,12 +134,17 @@ def _special_ids(cfg) -> tuple[int | None, int | None]:
 
 
 def export(checkpoint: str, out_dir: str, dtype: str = "bf16", config: str | None = None,
-           max_shard_gb: float = 5.0, tokenizer: bool = True) -> dict:
-    """Write the HF checkpoint; returns a summary (tensor count, shards, bytes, files)."""
+           max_shard_gb: float = 5.0, tokenizer: bool = True, mtp: bool = True) -> dict:
+    """Write the HF checkpoint; returns a summary (tensor count, shards, bytes, files).
+    mtp=False leaves the MTP modules out (num_nextn_predict_layers 0): the export then holds
+    exactly what transformers' DeepseekV3ForCausalLM loads, with no unexpected keys."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
     cfg = load_config(find_config(checkpoint, config))
     state = read_model_state(checkpoint)
+    if not mtp:
+        state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
+        cfg = dataclasses.replace(cfg, mtp=dataclasses.replace(cfg.mtp, depth=0))
     tensors = to_hf(state, cfg)
     os.makedirs(out_dir, exist_ok=True)
     index = write_safetensors(tensors, out_dir, DTYPES[dtype], int(max_shard_gb * 2**30))
@@ -162,9 +168,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="config YAML (default: config.yaml of the checkpoint)")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer files")
+    p.add_argument("--no-mtp", action="store_true",
+                   help="leave out the MTP layers (transformers does not run them and reports them as unexpected)")
     args = p.parse_args(argv)
     summary = export(args.checkpoint, args.out_dir, args.dtype, args.config, args.max_shard_gb,
-                     not args.no_tokenizer)
+                     not args.no_tokenizer, not args.no_mtp)
     print(f"wrote {summary['tensors']} tensors in {summary['shards']} shard(s), "
           f"{summary['bytes'] / 2**20:.1f} MiB, tokenizer files {summary['tokenizer']} to {args.out_dir}")
     return 0

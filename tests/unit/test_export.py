@@ -335,3 +335,31 @@ def _main_logits(model, tokens):
         for i in model.owned:
             h = model.layers[str(i)](h, ctx)
         return model.head(model.norm(h))
+
+
+def test_export_without_mtp_holds_only_the_main_layers(run, tmp_path):
+    cfg, _, path, hf_dir, _ = run
+    out = str(tmp_path / "hf_no_mtp")
+    assert export_main([path, out, "--dtype", "fp32", "--no-mtp"]) == 0
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        names = list(json.load(f)["weight_map"])
+    with open(os.path.join(hf_dir, "model.safetensors.index.json")) as f:
+        with_mtp = list(json.load(f)["weight_map"])
+    n = cfg.model.num_layers
+    mtp_layer = f"model.layers.{n}."
+    assert not any(x.startswith(mtp_layer) for x in names) and any(x.startswith(mtp_layer) for x in with_mtp)
+    assert sorted(names) == sorted(x for x in with_mtp if not x.startswith(mtp_layer))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 0
+
+
+def test_transformers_loads_the_no_mtp_export_without_unexpected_keys(run, tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+    _, _, path, hf_dir, _ = run
+    out = str(tmp_path / "hf_no_mtp")
+    assert export_main([path, out, "--dtype", "fp32", "--no-mtp"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info_mtp = DeepseekV3ForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+        _, info = DeepseekV3ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info_mtp["unexpected_keys"] and not info["unexpected_keys"] and not info["missing_keys"]
