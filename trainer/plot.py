@@ -68,6 +68,14 @@ def _relative(loads: list[float]) -> list[float]:
     return [x / mean for x in loads]
 
 
+def _edges(steps: list[int]) -> list[float]:
+    """Cell edges around logged steps that may be unevenly spaced (midpoints, half a gap at the ends)."""
+    if len(steps) == 1:
+        return [steps[0] - 0.5, steps[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
+    return [2 * steps[0] - mids[0]] + mids + [2 * steps[-1] - mids[-1]]
+
+
 def expert_load_heatmap(records: list[dict], path: str) -> str | None:
     """One panel per MoE layer: experts x logged steps, load / mean load (1 = balanced)."""
     recs = [r for r in records if isinstance(r.get("expert_load"), list) and r["expert_load"]]
@@ -80,8 +88,8 @@ def expert_load_heatmap(records: list[dict], path: str) -> str | None:
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 1.6 * n_layers), squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
         grid = list(map(list, zip(*rel[layer])))                             # [expert][step]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(grid) - 0.5, -0.5))
+        im = ax.pcolormesh(_edges(steps), [e - 0.5 for e in range(len(grid) + 1)], grid, cmap="viridis")
+        ax.invert_yaxis()
         ax.set(ylabel=f"MoE layer {layer}\nexpert", title="expert load / mean load" if layer == 0 else None)
         fig.colorbar(im, ax=ax)
     axes[-1, 0].set_xlabel("step")
