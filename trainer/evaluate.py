@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
+from trainer.cli import user_errors
 from trainer.config import ConfigError
 
-EXIT_USER_ERROR = 2
 log = logging.getLogger("moepipe")
 
 
@@ -162,6 +162,7 @@ def evaluate(path: str, config: str | None = None, overrides: list[str] | None =
     return rows
 
 
+@user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory (step_XXXXXXXX/) or DCP directory")
@@ -170,15 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="config YAML (default: config.yaml of the checkpoint)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides of that config")
     args = p.parse_args(argv)
-    from data.indexed import IndexedDataError
-    from trainer import checkpoint as ckpt
-    try:
-        if args.batches is not None and args.batches < 1:
-            raise ConfigError(f"--batches {args.batches}: must be >= 1")
-        rows = evaluate(args.checkpoint, args.config, args.set, args.batches)
-    except (ConfigError, ckpt.CheckpointError, IndexedDataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches {args.batches}: must be >= 1")
+    rows = evaluate(args.checkpoint, args.config, args.set, args.batches)
     print("| dataset | tokens | loss | perplexity | MTP loss |\n|---|---|---|---|---|")
     for name, m in rows:
         mtp = f"{m['val_mtp_loss']:.4f}" if m["val_mtp_loss"] is not None else "-"

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-EXIT_USER_ERROR = 2
+from trainer.cli import user_errors
 
 
 def sample_next(logits_V: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -101,21 +101,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@user_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from trainer import checkpoint as ckpt
-    from trainer.config import ConfigError
     from trainer.restore import load_model, load_run_tokenizer
-    try:
-        if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
-            raise ValueError(f"--top-p {args.top_p} / --temperature {args.temperature} / --max-new-tokens "
-                             f"{args.max_new_tokens}: need 0 < top-p <= 1, temperature >= 0, max-new-tokens >= 1")
-        cfg, model = load_model(args.checkpoint, args.config)
-        tok = load_run_tokenizer(cfg, args.tokenizer)
-        ids = encode_prompt(tok, args.prompt, cfg.model.max_seq_len)
-    except (ConfigError, ckpt.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
+        raise ValueError(f"--top-p {args.top_p} / --temperature {args.temperature} / --max-new-tokens "
+                         f"{args.max_new_tokens}: need 0 < top-p <= 1, temperature >= 0, max-new-tokens >= 1")
+    cfg, model = load_model(args.checkpoint, args.config)
+    tok = load_run_tokenizer(cfg, args.tokenizer)
+    ids = encode_prompt(tok, args.prompt, cfg.model.max_seq_len)
     sys.stdout.write(args.prompt)
     r = generate(model, tok, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     note = " (stopped at model.max_seq_len)" if r["truncated"] and len(r["ids"]) else ""

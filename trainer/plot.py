@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from trainer.cli import user_errors
 from trainer.sweep_report import read_metrics
 
 SERIES_KEY = "moepipe:series"
@@ -160,24 +161,20 @@ def read_series(path: str) -> dict:
         return json.loads(im.text[SERIES_KEY])
 
 
+@user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a run's train.output_dir (or a sweep's output_dir)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.run_dir):
-        print(f"error: {args.run_dir}: no such directory; give a run's train.output_dir", file=sys.stderr)
-        return 2
-    try:
-        if os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
-            paths = plot_run(args.run_dir)
-        elif run_dirs(args.run_dir):
-            paths = plot_sweep(args.run_dir)
-        else:
-            raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl in it or below it; give a run's "
-                                    "train.output_dir or a sweep's output_dir")
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{args.run_dir}: no such directory; give a run's train.output_dir")
+    if os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+        paths = plot_run(args.run_dir)
+    elif run_dirs(args.run_dir):
+        paths = plot_sweep(args.run_dir)
+    else:
+        raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl in it or below it; give a run's "
+                                "train.output_dir or a sweep's output_dir")
     print("wrote " + ", ".join(paths))
     return 0
 
