@@ -42,10 +42,10 @@ def valid_dirs(cfg) -> list[str]:
     dirs = valid_dirs_unchecked(cfg)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "meta.json")):
-            raise ConfigError(f"{d}: the run's data is not prepared here; run python -m trainer.prepare "
+            raise ConfigError(f"prepared data = {d}: not there; run python -m trainer.prepare "
                               "with the run's config (and the same --set)")
         if not os.path.isfile(os.path.join(d, "valid.idx")):
-            raise ConfigError(f"{d} has no validation split (data.valid_fraction = 0 when it was prepared): "
+            raise ConfigError(f"data.valid_fraction = 0 when {d} was prepared: it has no validation split; "
                               "prepare one with python -m trainer.prepare CONFIG --set data.valid_fraction=0.02 "
                               "and pass the same --set here")
     return dirs
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="overrides of that config")
     args = p.parse_args(argv)
     if args.batches is not None and args.batches < 1:
-        raise ConfigError(f"--batches {args.batches}: must be >= 1")
+        raise ConfigError(f"--batches = {args.batches}: must be >= 1; give a positive count or leave it out")
     rows = evaluate(args.checkpoint, args.config, args.set, args.batches)
     print("| dataset | tokens | loss | perplexity | MTP loss |\n|---|---|---|---|---|")
     for name, m in rows:

@@ -50,11 +50,11 @@ class TextStream:
 
 def encode_prompt(tok, prompt: str, max_seq_len: int) -> list[int]:
     if not prompt.strip():
-        raise ValueError("--prompt is empty: give some text to continue, e.g. --prompt 'In the beginning'")
+        raise ValueError(f"--prompt = {prompt!r}: empty; give some text to continue, e.g. --prompt 'In the beginning'")
     ids = tok.encode([prompt])[0]
     if len(ids) >= max_seq_len:
-        raise ValueError(f"the prompt is {len(ids)} tokens but model.max_seq_len = {max_seq_len} leaves no room "
-                         f"to generate: shorten it to under {max_seq_len} tokens")
+        raise ValueError(f"--prompt = {len(ids)} tokens: no room to generate within model.max_seq_len = "
+                         f"{max_seq_len}; shorten it to under {max_seq_len} tokens")
     return ids
 
 
@@ -106,8 +106,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from trainer.restore import load_model, load_run_tokenizer
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
-        raise ValueError(f"--top-p {args.top_p} / --temperature {args.temperature} / --max-new-tokens "
-                         f"{args.max_new_tokens}: need 0 < top-p <= 1, temperature >= 0, max-new-tokens >= 1")
+        raise ValueError(f"--top-p / --temperature / --max-new-tokens = {args.top_p} / {args.temperature} / "
+                         f"{args.max_new_tokens}: out of range; use 0 < top-p <= 1, temperature >= 0, "
+                         "max-new-tokens >= 1")
     cfg, model = load_model(args.checkpoint, args.config)
     tok = load_run_tokenizer(cfg, args.tokenizer)
     ids = encode_prompt(tok, args.prompt, cfg.model.max_seq_len)

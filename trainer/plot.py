@@ -167,13 +167,13 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", help="a run's train.output_dir (or a sweep's output_dir)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.run_dir):
-        raise FileNotFoundError(f"{args.run_dir}: no such directory; give a run's train.output_dir")
+        raise FileNotFoundError(f"RUN_DIR = {args.run_dir}: no such directory; give a run's train.output_dir")
     if os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
         paths = plot_run(args.run_dir)
     elif run_dirs(args.run_dir):
         paths = plot_sweep(args.run_dir)
     else:
-        raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl in it or below it; give a run's "
+        raise FileNotFoundError(f"RUN_DIR = {args.run_dir}: no metrics.jsonl in it or below it; give a run's "
                                 "train.output_dir or a sweep's output_dir")
     print("wrote " + ", ".join(paths))
     return 0

@@ -24,10 +24,10 @@ def load_model(path: str, config: str | None = None, overrides: list[str] | None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise ConfigError(f"{path}: checkpoint tensors do not fit the config ({str(e).splitlines()[1].strip()}); "
-                          "pass the run's config with --config") from None
+        raise ConfigError(f"checkpoint = {path}: its tensors do not fit the config "
+                          f"({str(e).splitlines()[1].strip()}); pass the run's config with --config") from None
     if missing or unexpected:
-        raise ConfigError(f"{path}: checkpoint tensors do not fit the config (missing {missing[:3]}, "
+        raise ConfigError(f"checkpoint = {path}: its tensors do not fit the config (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); pass the run's config with --config")
     return cfg, model.to(torch.device(device)).eval()
 
@@ -37,7 +37,7 @@ def tokenizer_path(cfg, explicit: str | None = None) -> str:
     from data.prepare import prepared_dir
     path = explicit or os.path.join(prepared_dir(cfg.data, cfg.dedup), "tokenizer.json")
     if not os.path.isfile(path):
-        raise ConfigError(f"no tokenizer at {path}: prepare the run's data first "
+        raise ConfigError(f"tokenizer = {path}: no such file; prepare the run's data first "
                           "(python -m trainer.prepare CONFIG) or pass --tokenizer PATH/tokenizer.json")
     return path
 
@@ -48,7 +48,7 @@ def load_run_tokenizer(cfg, explicit: str | None = None):
     path = tokenizer_path(cfg, explicit)
     tok = load_tokenizer(path, allow_fast=False)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} tokens but the checkpoint's "
-                          f"model.vocab_size = {cfg.model.vocab_size}: use the tokenizer the run was trained "
-                          "with (--tokenizer)")
+        raise ConfigError(f"tokenizer {path} = {tok.vocab_size} tokens: more than the checkpoint's "
+                          f"model.vocab_size = {cfg.model.vocab_size}; use the tokenizer the run was trained "
+                          "with (--tokenizer PATH)")
     return tok

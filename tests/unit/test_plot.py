@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from tests.unit.test_error_lines import LINE
 from trainer.metrics import MetricsWriter, format_line
 from trainer.plot import main, read_series
 
@@ -76,4 +77,5 @@ def test_sweep_overlay_holds_every_runs_loss(tmp_path):
 
 def test_plot_of_a_directory_without_metrics_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
-    assert "no metrics.jsonl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no metrics.jsonl" in err and LINE.match(err.strip())
