@@ -44,3 +44,16 @@ def test_decoding_past_the_cache_length_is_refused():
     dec = LatentDecoder(_model())
     with pytest.raises(ValueError, match="max_seq_len"):
         dec.forward(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generation_benchmark_runs_both_paths_on_a_short_context(capsys):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(root, "benchmarks", "bench_generate.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    med = bench.main(["--config", os.path.join(root, "configs", "tiny.yaml"), "--context", "8", "--new", "3",
+                      "--repeats", "1"])
+    assert med["latent cache"] > 0 and med["recompute prefix"] > 0
+    assert "greedy tokens equal in 3/3 steps" in capsys.readouterr().out
