@@ -17,6 +17,15 @@ runs with an artificial all-to-all latency `--delay-ms`: every row exchange (2-D
 tiny count exchanges are left alone) completes no earlier than that long after it was issued,
 as on a real network; a blocking exchange therefore pays it in full, an asynchronous one only
 for the part not hidden behind the other micro-batch's compute.
+
+`--model` runs the model mode instead (pipeline_model.py, pipeline_report.py, pipeline_gantt.py):
+tiny-config DeepSeek-V3 stages (8 MoE blocks, MTP), pp = 2 x ep = 2, under our 1F1B, ZB1P,
+DualPipe and DualPipeV (F&B overlap off and on) and torch's Schedule1F1B and ScheduleDualPipeV
+wrapping the same stage modules, at each `--latency-ms`; losses and gradients are checked
+against one whole model first (exit 1 if any differs). It prints the step-time table and, per
+latency, the simulator's predicted step time and bubbles against the measured timeline, and
+writes the measured and simulated Gantt charts to `--png` (one file per latency).
+Run: python benchmarks/bench_pipeline.py --model [--steps 3] [--latency-ms 0 2 5 20] [--micro 8]
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from parallel.pipeline.runtime import ModuleChunk, PipelineRuntime, reduce_share
 from parallel.pipeline.schedules import build_schedule  # noqa: E402
 from parallel.pipeline.simulate import replay  # noqa: E402
 from tests.distributed.spawn import run_ranks  # noqa: E402
+from a2a_latency import LatencyInjector  # noqa: E402
 
 TOTAL_LAYERS = 8
 
@@ -101,38 +111,6 @@ def _all(rank, world, n, d, rows, steps):
     return {label: statistics.median(ts[1:]) for label, ts in times.items()}
 
 
-def _delayed_all_to_all(delay_s: float) -> list[float]:
-    """Wrap dist.all_to_all_single (in this rank process) so row exchanges take >= delay_s.
-
-    Returns a one-element list accumulating the seconds spent blocked on row exchanges."""
-    real, blocked = dist.all_to_all_single, [0.0]
-
-    class _Late:
-        def __init__(self, work, t0):
-            self.work, self.t0 = work, t0
-
-        def wait(self):
-            t = time.perf_counter()
-            if self.work is not None:
-                self.work.wait()
-            time.sleep(max(0.0, self.t0 + delay_s - time.perf_counter()))
-            blocked[0] += time.perf_counter() - t
-
-    def wrapped(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-        t0 = time.perf_counter()
-        work = real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
-        if input.dim() < 2:
-            return work
-        late = _Late(work, t0)
-        if async_op:
-            return late
-        late.wait()
-        return None
-
-    dist.all_to_all_single = wrapped
-    return blocked
-
-
 def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     from parallel.config import ParallelConfig
     from parallel.expert import parallelize_experts
@@ -143,7 +121,7 @@ def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     from model.batch import make_batch
     from trainer.config import load_config
 
-    blocked = _delayed_all_to_all(delay_ms / 1000)
+    lat = LatencyInjector(delay_ms / 1000).install()
     topo = Topology.from_config(ParallelConfig(pp=2, ep=2))
     cfg = load_config(None, ["model.vocab_size=256", "model.max_seq_len=64", "data.seq_len=64",
                              "model.num_layers=4", "model.first_k_dense=0", f"model.hidden_size={d}",
@@ -159,10 +137,10 @@ def _overlap_rank(rank, world, overlap, delay_ms, n, steps, d):
     times, cpu, waits = [], [], []
     for _ in range(steps + 1):
         dist.barrier()
-        t0, c0, b0 = time.perf_counter(), time.process_time(), blocked[0]
+        t0, c0, b0 = time.perf_counter(), time.process_time(), lat.blocked_s
         rt.run()
         cpu.append(time.process_time() - c0)
-        waits.append(blocked[0] - b0)
+        waits.append(lat.blocked_s - b0)
         dist.barrier()
         times.append(time.perf_counter() - t0)
     return [statistics.median(x[1:]) for x in (times, cpu, waits)]
@@ -182,18 +160,56 @@ def overlap_table(a) -> None:
                   f"{1000 * cpu:>7.1f} {1000 * blocked:>11.1f}")
 
 
-def main():
+def model_mode(a) -> int:
+    """The model mode (see the module docstring); returns 1 if a runtime's losses or gradients differ."""
+    from pipeline_model import ModelOpts, model_rank
+    from pipeline_report import check_lines, sim_sections, table_lines
+
+    o = ModelOpts(micro=a.micro, rounds=a.steps, latencies_ms=tuple(a.latency_ms))
+    results = run_ranks(model_rank, 4, o, timeout=3600)
+    checks, ok = check_lines(results, o)
+    print(f"model mode: tiny DeepSeek-V3 widths, {o.layers} MoE blocks + MTP, pp=2 x ep=2 (4 gloo ranks, CPU), "
+          f"micro={o.micro} of {o.batch}x{o.seq} tokens; median of {o.rounds} rounds after a warm-up, slowest rank; "
+          f"one step of each runtime per round")
+    print("\n".join(checks + [""] + table_lines(results, o) + sim_sections(results, o, a.png)))
+    return 0 if ok else 1
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--overlap", action="store_true", help="also run the F&B overlap table")
     p.add_argument("--only-overlap", action="store_true", help="run only the F&B overlap table")
     p.add_argument("--delay-ms", type=float, nargs="+", default=[5.0, 20.0])
     p.add_argument("--overlap-d", type=int, default=64)
-    a = p.parse_args()
+    p.add_argument("--model", action="store_true", help="run the model mode (DeepSeek-V3 stages, ep=2 x pp=2)")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 2.0, 5.0, 20.0],
+                   help="model mode: injected all-to-all latencies")
+    p.add_argument("--png", default="pipeline_gantt.png",
+                   help="model mode: Gantt charts, one file per latency (<stem>_<ms>ms.png); '' for none")
+    a = p.parse_args(argv)
+    for flag in ("latency_ms", "delay_ms"):
+        bad = [v for v in getattr(a, flag) if v < 0]
+        if bad:
+            _fail(f"--{flag.replace('_', '-')} = {bad[0]:g}: an injected latency must be >= 0 ms")
+    if a.steps < 1:
+        _fail(f"--steps = {a.steps}: must be >= 1")
+    return a
+
+
+def _fail(line: str):
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.model:
+        return model_mode(a)
     if a.only_overlap:
         return overlap_table(a)
     res = run_ranks(_all, a.world, a.micro, a.d, a.rows, a.steps, timeout=900)
@@ -211,7 +227,8 @@ def main():
               f"{sec[label] / sec['torch ScheduleDualPipeV']:>16.2f}x {frac:>11}")
     if a.overlap:
         overlap_table(a)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

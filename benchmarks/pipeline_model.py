@@ -67,6 +67,7 @@ class ModelOpts:
     vocab: int = 8192
     labels: tuple = tuple(RUNTIMES)
     config: str = "configs/tiny.yaml"
+    overrides: tuple = ()    # further config overrides (the test shrinks the widths)
 
 
 @dataclass
@@ -85,7 +86,8 @@ def bench_config(o: ModelOpts):
     return load_config(o.config, [f"model.num_layers={o.layers}", "model.first_k_dense=0",
                                   f"model.vocab_size={o.vocab}", f"model.max_seq_len={o.seq}",
                                   f"data.seq_len={o.seq}", "moe.seq_aux_loss_alpha=0",
-                                  "moe.bias_update_speed=0", f"parallel.pp={PP}", f"parallel.ep={EP}"])
+                                  "moe.bias_update_speed=0", f"parallel.pp={PP}", f"parallel.ep={EP}",
+                                  *o.overrides])
 
 
 def micro_batches(o: ModelOpts, seed: int) -> list:
@@ -158,7 +160,7 @@ def reference(cfg, topo, batches):
     for m, b in enumerate(batches):
         out = model(b)
         (out.loss / n).backward()
-        losses[m] = float(out.loss)
+        losses[m] = float(out.loss.detach())
     return losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 

@@ -82,4 +82,4 @@ class TorchPipeline:
         losses: list[Tensor] = []
         self.schedule.step(*((micro,) if self.first else ()), target=micro if self.last else None,
                            losses=losses if self.last else None, return_outputs=False)
-        self.losses = {m: float(l) * self.n for m, l in enumerate(losses)} if self.last else {}
+        self.losses = {m: float(l.detach()) * self.n for m, l in enumerate(losses)} if self.last else {}

@@ -151,7 +151,7 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         fn(acts)
         t1 = time.perf_counter()
-        self.timeline += [(a, t0, t1) for a in (acts if isinstance(acts, list) else [acts])]
+        self.timeline += [(a, t0, t1) for a in ([acts] if isinstance(acts, Action) else acts)]
 
     def execute(self, a: Action) -> None:
         if a.op == "F":

@@ -168,14 +168,12 @@ def format_report(rp: Replay) -> str:
 _COLORS = {"F": "#4c9be8", "B": "#e8854c", "I": "#e8b04c", "W": "#7cc47c", "FB": "#a06cd5"}
 
 
-def draw_gantt(rp: Replay, path: str) -> None:
-    """One row per rank, one box per compute action, labelled with its micro-batch."""
-    import matplotlib
-    matplotlib.use("Agg")
+def plot_gantt(rp: Replay, ax, title: str | None = None) -> None:
+    """Draw `rp` on a matplotlib axis: one row per rank, one box per compute action, labelled
+    with its micro-batch. Works for a measured timeline too (a Replay built from its spans)."""
     import matplotlib.pyplot as plt
 
     R = rp.schedule.num_ranks
-    fig, ax = plt.subplots(figsize=(max(8.0, rp.makespan * 0.35), 0.55 * R + 1.2))
     for r, spans in enumerate(rp.spans):
         for a, s, e in spans:
             if a.op in ("SEND", "RECV") or e <= s:
@@ -185,9 +183,19 @@ def draw_gantt(rp: Replay, path: str) -> None:
             ax.text((s + e) / 2, R - 1 - r, label, ha="center", va="center", fontsize=7)
     ax.set_yticks(range(R), [f"rank {r}" for r in reversed(range(R))])
     ax.set_xlabel("time")
-    ax.set_title(f"{rp.schedule.name}  pp={R}  micro={rp.schedule.num_micro}  makespan={rp.makespan:g}")
+    ax.set_title(title or f"{rp.schedule.name}  pp={R}  micro={rp.schedule.num_micro}  makespan={rp.makespan:g}")
     handles = [plt.Rectangle((0, 0), 1, 1, color=col) for col in _COLORS.values()]
     ax.legend(handles, ["F", "B", "I", "W", "F&B"], loc="upper right", ncol=5, fontsize=7)
+
+
+def draw_gantt(rp: Replay, path: str) -> None:
+    """`plot_gantt` of `rp` alone, written as a PNG to `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8.0, rp.makespan * 0.35), 0.55 * rp.schedule.num_ranks + 1.2))
+    plot_gantt(rp, ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
