@@ -189,7 +189,7 @@ def parse_args(argv=None):
     p.add_argument("--model", action="store_true", help="run the model mode (DeepSeek-V3 stages, ep=2 x pp=2)")
     p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 2.0, 5.0, 20.0],
                    help="model mode: injected all-to-all latencies")
-    p.add_argument("--png", default="pipeline_gantt.png",
+    p.add_argument("--png", default="runs/bench_pipeline/gantt.png",
                    help="model mode: Gantt charts, one file per latency (<stem>_<ms>ms.png); '' for none")
     a = p.parse_args(argv)
     for flag in ("latency_ms", "delay_ms"):

@@ -31,7 +31,7 @@ from model.batch import make_batch
 from model.transformer import build_model
 from parallel.config import ParallelConfig
 from parallel.expert import parallelize_experts
-from parallel.pipeline.model_stage import ModelChunk, build_union_chunks
+from parallel.pipeline.model_stage import build_union_chunks
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
@@ -213,5 +213,5 @@ def model_rank(rank: int, world: int, o: ModelOpts) -> dict:
             for label, r in live.items():
                 _timed_step(r, models[label], topo, lat, series[(ms, label)])
     lat.uninstall()
-    return {"pp_rank": topo.pp_rank, "ep_rank": topo.ep_rank, "na": {k: r for k, r in runners.items() if isinstance(r, str)},
-            "checks": checks, "series": series}
+    na = {k: r for k, r in runners.items() if isinstance(r, str)}
+    return {"pp_rank": topo.pp_rank, "ep_rank": topo.ep_rank, "na": na, "checks": checks, "series": series}

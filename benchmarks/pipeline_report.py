@@ -8,6 +8,7 @@ same placement family (1F1B and ZB1P to `Schedule1F1B`, DualPipe and DualPipeV t
 """
 from __future__ import annotations
 
+import os
 import statistics
 
 from pipeline_gantt import draw, format_sim, sim_row
@@ -87,6 +88,7 @@ def sim_sections(results: list, o: ModelOpts, png: str | None) -> list[str]:
         out += ["", format_sim(rows, ms)]
         if png:
             path = png_path(png, ms)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             draw(rows, ms, path)
             out.append(f"wrote {path}")
     return out
