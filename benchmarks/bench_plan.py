@@ -220,7 +220,10 @@ def predict(cfg, pp: int, ep: int, schedule: str, n: int, cluster: Cluster) -> d
                           cfg.optim.bf16_moments, cfg.optim.weight_decay)
         acts = [stage_activation_bytes(cfg, am, layout[s], s == S - 1, mb * L, 4, False, "none") for s in stages]
         peak = max(sum(a * k for a, k in zip(acts, point)) for point in live_points(sched.compute[r]))
-        per_rank.append({**vars(st), "act_micro": sum(acts), "act_peak": peak})
+        forwards = [sum(op == "F" and ch == c for a in sched.compute[r] for op, _, ch in a.parts())
+                    for c in range(len(stages))]   # DualPipe: half the micro-batches per copy
+        per_rank.append({**vars(st), "act_micro": sum(a * k for a, k in zip(acts, forwards)) / n,
+                         "act_peak": peak})
     cand = Candidate(pp, dp, ep, schedule, mb, n, "none", False, cfg.optim.bf16_moments,
                      tuple(map(tuple, layout)))
     est = timing(cfg, Estimate(cand, {}, 0, 0.0), cluster)
