@@ -16,7 +16,8 @@ layout runs as 4 real ranks (spawned processes) through the trainer's own `build
 Predictions come from the planner's models (trainer.plan_memory, trainer.plan_time,
 trainer.plan_layouts) for the same layout with fp32 activations and PyTorch's math attention (the
 CPU path), and a CPU row for the hardware table: the effective FLOP/s of one process running
-forward + backward of the same model and micro-batch (calibrated first, printed), times the share
+forward + backward of the same model and micro-batch (calibrated again right before each layout,
+so that it sees the same load; printed per layout), times the share
 of a core each rank gets (cores / ranks), and the gloo all-reduce bandwidth of 4 ranks as both
 link bandwidths (efficiencies 1). Weights, gradients and optimizer state must equal exactly;
 activations should agree within 20%; times are shown side by side.
@@ -241,10 +242,10 @@ def cpu_cluster(cfg, flops: float, share: float, link_gbps: float, world: int = 
 
 
 HEAD = ("| config | pp x dp x ep | schedule | n | pp rank | weights B | grads B | master B | moments B | static "
-        "| act/micro meas KiB | pred KiB | err | act peak meas KiB | pred KiB | step s meas | pred |")
+        "| act/micro meas KiB | pred KiB | err | act peak meas KiB | pred KiB | GFLOP/s | step s meas | pred |")
 
 
-def rows(name: str, pp: int, ep: int, schedule: str, n: int, measured: list[dict], pred: dict,
+def rows(name: str, pp: int, ep: int, schedule: str, n: int, measured: list[dict], pred: dict, flops: float,
          world: int = WORLD) -> list[str]:
     """One row per pp rank (the dp / ep ranks of one pp rank hold the same bytes: checked)."""
     step = statistics.median(max(ts) for ts in zip(*(m["times"] for m in measured)))
@@ -262,11 +263,12 @@ def rows(name: str, pp: int, ep: int, schedule: str, n: int, measured: list[dict
                    f"{m['grads']:,} | {m['master']:,} | {m['moments']:,} | {'exact' if exact else 'DIFFERS'} | "
                    f"{meas_act / 1024:,.0f} | {p['act_micro'] / 1024:,.0f} | {100 * err:+.1f}% | "
                    f"{meas_peak / 1024:,.0f} | {p['act_peak'] / 1024:,.0f} | "
+                   f"{flops / 1e9 if r == 0 else '':{'.2f' if r == 0 else ''}} | "
                    f"{step if r == 0 else '':{'.2f' if r == 0 else ''}} | "
                    f"{pred['step_s'] if r == 0 else '':{'.2f' if r == 0 else ''}} |")
         if not exact:
             out.append(f"|  | predicted | | | | {p['weights']:,} | {p['grads']:,} | {p['master']:,} | "
-                       f"{p['moments']:,} | | | | | | | | |")
+                       f"{p['moments']:,} | | | | | | | | | |")
     return out
 
 
@@ -274,17 +276,19 @@ def bench(name: str, path: str, overrides: list[str], layouts, steps: int, world
           link_gbps: float | None = None) -> tuple[list[str], dict]:
     base = load_config(path, overrides)
     torch.set_num_threads(1)
-    flops = cpu_flops(layout_config(base, 1, 1, "1f1b", 1, world=1))
+    single = layout_config(base, 1, 1, "1f1b", 1, world=1)
     if link_gbps is None:
         link_gbps = statistics.median(run_ranks(link_bandwidth, world))
     share = min(1.0, (os.cpu_count() or 1) / world)
-    consts = {"flops": flops, "share": share, "link_gbps": link_gbps}
+    consts = {"flops": [], "share": share, "link_gbps": link_gbps}
     out = []
     for pp, ep, schedule, n in layouts:
         cfg = layout_config(base, pp, ep, schedule, n, world)
+        flops = cpu_flops(single)   # right before the layout: the same load as its ranks see
+        consts["flops"].append(flops)
         measured = run_ranks(measure_rank, world, cfg, steps, timeout=600)
         pred = predict(cfg, pp, ep, schedule, n, cpu_cluster(cfg, flops, share, link_gbps, world))
-        out += rows(name, pp, ep, schedule, n, measured, pred, world)
+        out += rows(name, pp, ep, schedule, n, measured, pred, flops, world)
         print(out[-1] if pp == 1 else "\n".join(out[-pp:]), file=sys.stderr, flush=True)
     return out, consts
 
@@ -298,7 +302,9 @@ def main(argv=None) -> int:
     for name in args.configs:
         path, overrides = CONFIGS[name]
         got, c = bench(name, path, overrides, LAYOUTS, args.steps)
-        consts.append(f"{name}: CPU {c['flops'] / 1e9:.2f} GFLOP/s effective in one process (one thread), "
+        fl = sorted(c["flops"])
+        consts.append(f"{name}: CPU {statistics.median(fl) / 1e9:.2f} GFLOP/s effective in one process (one thread; "
+                      f"{fl[0] / 1e9:.2f} to {fl[-1] / 1e9:.2f} over the layouts), "
                       f"x {c['share']:g} core share per rank at {WORLD} ranks; gloo all-reduce "
                       f"{c['link_gbps']:.2f} GB/s")
         table += got
