@@ -17,9 +17,9 @@ Predictions come from the planner's models (trainer.plan_memory, trainer.plan_ti
 trainer.plan_layouts) for the same layout with fp32 activations and PyTorch's math attention (the
 CPU path), and a CPU row for the hardware table: the effective FLOP/s of one process running
 forward + backward of the same model and micro-batch (calibrated again right before each layout,
-so that it sees the same load; printed per layout), times the share
-of a core each rank gets (cores / ranks), and the gloo all-reduce bandwidth of 4 ranks as both
-link bandwidths (efficiencies 1). Weights, gradients and optimizer state must equal exactly;
+so that it sees the same load; printed per layout), times the share of a core each rank gets
+(cores / ranks), and the gloo all-reduce bandwidth of 4 ranks as both link bandwidths
+(efficiencies 1). Weights, gradients and optimizer state must equal exactly;
 activations should agree within 20%; times are shown side by side.
 
 Run: python benchmarks/bench_plan.py [--configs tiny medium] [--steps 3]
