@@ -47,7 +47,8 @@ from trainer.config import load_config  # noqa: E402
 from trainer.flops import flops_per_token  # noqa: E402
 from trainer.plan_hardware import GPU, Efficiency  # noqa: E402
 from trainer.plan_layouts import Candidate, Cluster, Estimate, live_points, timing  # noqa: E402
-from trainer.plan_memory import activation_model, param_inventory, rank_params, stage_activation_bytes, static_bytes  # noqa: E402,E501
+from trainer.plan_memory import (activation_model, param_inventory, rank_params,  # noqa: E402
+                                 stage_activation_bytes, static_bytes)
 
 WORLD = 4
 CONFIGS = {
