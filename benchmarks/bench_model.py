@@ -1,11 +1,21 @@
-"""Benchmark: one training step (forward + loss + backward) of the moepipe model, variants alternated.
+"""Benchmark: one training step (forward + loss + backward) of moepipe against torchtitan's DeepSeek-V3.
 
-Rows: routed experts as grouped GEMMs (the default) vs the per-expert loop (the reference), and
-the recomputation policies (none / selective / full, DeepSeek-V3 section 3.2.3). The variants
-run alternately in one process, on the same weights and the same batch (one document per row),
-so load from other processes hits them alike; the table gives step ms (min and median),
-tokens/s, the bytes autograd keeps for backward (saved activations; on CPU the only memory
-figure, exact) and, on CUDA, the peak allocated memory of a step.
+Models (`--models`): moepipe (routed experts as grouped GEMMs, the default path), its variants
+moepipe-loop (the per-expert loop, the reference), moepipe+selective and moepipe+full (the
+recomputation policies, DeepSeek-V3 section 3.2.3), and torchtitan 0.3.0's DeepSeek-V3 model
+(`benchmarks/torchtitan_peer.py`) at the same dimensions holding the same weights, copied by
+name. All run alternately in one process (the order flips every round) on the same batch (one
+document per row), so load from other processes hits them alike; the first losses are checked
+equal (1e-5 relative in fp32) and printed. The balance loss is off (moe.seq_aux_loss_alpha = 0):
+torchtitan has none. torchtitan's adaptations are printed with the table.
+
+Columns: step ms (min and median over the rounds; wall clock, and the process's CPU time, which a
+core shared with other jobs inflates less), tokens/s (from the wall median), step memory and
+the bytes autograd keeps for backward (exact, from a saved-tensors hook). Step memory is the
+peak above the memory held before the step: on CUDA from the allocator's peak statistics, in
+process; on CPU the peak resident set size (VmHWM, reset through /proc/self/clear_refs) above
+the resident set before the second step of a fresh process per model, with glibc's mmap threshold
+at 64 KiB so that freed tensors leave the resident set.
 
 Sizes: tiny = configs/tiny.yaml without MTP; medium = hidden 512, 8 layers (1 dense), 8 heads,
 q/kv rank 128/64, nope/rope/v 32/16/32, 16 experts top-4 + 1 shared, expert ffn 256, dense ffn
@@ -13,20 +23,28 @@ q/kv rank 128/64, nope/rope/v 32/16/32, 16 experts top-4 + 1 shared, expert ffn 
 16 layers (1 dense), 16 heads, q/kv rank 768/512, nope/rope/v 128/64/128, 64 experts top-6 + 2
 shared, expert ffn 1408, vocab 32768, 2 x 4096 tokens.
 
-    python benchmarks/bench_model.py --size tiny medium [--steps 5] [--device cpu] [--out DIR]
+    python benchmarks/bench_model.py --size tiny medium [--rounds 10] [--models moepipe torchtitan]
+        [--device cpu|cuda] [--dtype fp32|bf16] [--no-memory] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import torchtitan_peer as peer  # noqa: E402
 from model.batch import make_batch  # noqa: E402
 from model.transformer import build_model  # noqa: E402
 from parallel.recompute import apply_recompute  # noqa: E402
@@ -43,24 +61,51 @@ B1 = ["model.hidden_size=2048", "model.num_layers=16", "model.first_k_dense=1", 
       "attention.kv_lora_rank=512", "attention.qk_nope_head_dim=128", "attention.qk_rope_head_dim=64",
       "attention.v_head_dim=128", "moe.num_experts=64", "moe.topk=6", "moe.n_group=8", "moe.topk_group=4",
       "moe.num_shared_experts=2", "moe.expert_ffn_size=1408", "data.seq_len=4096", "train.micro_batch_size=2"]
-SIZES = {"tiny": (os.path.join(ROOT, "configs", "tiny.yaml"), ["mtp.depth=0"]),
-         "medium": (None, MEDIUM + ["mtp.depth=0"]), "b1": (None, B1 + ["mtp.depth=0"]),
+COMMON = ["mtp.depth=0", "moe.seq_aux_loss_alpha=0"]
+SIZES = {"tiny": (os.path.join(ROOT, "configs", "tiny.yaml"), COMMON),
+         "medium": (None, MEDIUM + COMMON), "b1": (None, B1 + COMMON),
          "micro": (os.path.join(ROOT, "configs", "tiny.yaml"),   # plumbing checks only
-                   ["mtp.depth=0", "model.num_layers=2", "data.seq_len=32", "train.micro_batch_size=2"])}
-VARIANTS = ("grouped", "loop", "grouped+selective", "grouped+full")
+                   COMMON + ["model.num_layers=2", "data.seq_len=32", "train.micro_batch_size=2"])}
+MODELS = ("moepipe", "moepipe-loop", "moepipe+selective", "moepipe+full", "torchtitan")
+LOSS_RTOL = 1e-5
 
 
-def build_variant(cfg, variant: str, device, dtype):
+def size_config(size: str):
+    path, sets = SIZES[size]
+    return load_config(path, sets)
+
+
+def size_batch(cfg, device):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=g)
+    return make_batch(tokens, None, device=device)
+
+
+def build_moepipe(cfg, name: str, device, dtype):
     model = build_model(cfg).to(device=device, dtype=dtype)
-    if "loop" in variant:
+    if name == "moepipe-loop":
         for mod in model.modules():
             if hasattr(mod, "reference_forward"):
                 mod.forward = mod.reference_forward
-    apply_recompute(model, variant.split("+")[1] if "+" in variant else "none")
+    apply_recompute(model, name.split("+")[1] if "+" in name else "none")
     return model
 
 
-def step(model, batch) -> int:
+def build_models(cfg, names, device, dtype) -> dict:
+    """name -> loss function of a batch (its graph attached); torchtitan gets moepipe's weights."""
+    base = build_moepipe(cfg, "moepipe", device, dtype)
+    fns = {}
+    for name in names:
+        if name == "torchtitan":
+            titan = peer.build_titan(cfg, base, device, dtype)
+            fns[name] = (lambda b, m=titan: peer.titan_loss(m, b, device), titan)
+        else:
+            model = base if name == "moepipe" else build_moepipe(cfg, name, device, dtype)
+            fns[name] = (lambda b, m=model: m(b).loss, model)
+    return fns
+
+
+def step(loss_fn, model, batch) -> int:
     """Forward + loss + backward; returns the bytes autograd saved for backward."""
     saved = []
 
@@ -68,60 +113,149 @@ def step(model, batch) -> int:
         saved.append(t.numel() * t.element_size())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(batch).loss
+        loss = loss_fn(batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(saved)
 
 
-def run_size(size: str, steps: int, device: torch.device, dtype) -> list[dict]:
-    path, sets = SIZES[size]
-    cfg = load_config(path, sets)
-    B, L = cfg.train.micro_batch_size, cfg.data.seq_len
-    g = torch.Generator().manual_seed(0)
-    batch = make_batch(torch.randint(0, cfg.model.vocab_size, (B, L), generator=g), None, device=device)
-    models = {v: build_variant(cfg, v, device, dtype) for v in VARIANTS}
-    first = {v: m(batch).loss.item() for v, m in models.items()}   # warm-up; same weights, same loss
-    times = {v: [] for v in VARIANTS}
+def resident_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+
+
+def cpu_step_memory(size: str, name: str) -> float:
+    """MB: peak resident set above the pre-step one, second step of a fresh process (see the docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-of", name, "--size", size],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["step_mb"]
+
+
+def memory_child(size: str, name: str) -> int:
+    """In a fresh process: one warm-up step, then the second step's peak above its starting RSS."""
+    cfg = size_config(size)
+    batch = size_batch(cfg, torch.device("cpu"))
+    fns = build_models(cfg, [name], torch.device("cpu"), torch.float32)
+    (loss_fn, model), = fns.values()
+    step(loss_fn, model, batch)
+    gc.collect()
+    before = resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")   # reset VmHWM to the current resident set
+    step(loss_fn, model, batch)
+    print(json.dumps({"step_mb": (resident_kib("VmHWM") - before) / 1024}))
+    return 0
+
+
+def timed_step(loss_fn, model, batch, device) -> tuple[float, float, int, float]:
+    """(wall seconds, process CPU seconds, bytes saved for backward, CUDA peak MB above the
+    pre-step memory or nan)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    t0, c0 = time.perf_counter(), time.process_time()
+    saved = step(loss_fn, model, batch)
+    peak = float("nan")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+    return time.perf_counter() - t0, time.process_time() - c0, saved, peak
+
+
+def run_size(size: str, names: list[str], rounds: int, device, dtype, memory: bool) -> list[dict]:
+    cfg = size_config(size)
+    batch = size_batch(cfg, device)
+    fns = build_models(cfg, names, device, dtype)
+    first = {n: fn(batch).item() for n, (fn, _) in fns.items()}   # also the warm-up (compiles on CUDA)
+    for n, (fn, m) in fns.items():
+        step(fn, m, batch)
+    times, cpu = {n: [] for n in names}, {n: [] for n in names}
     saved, peak = {}, {}
-    for _ in range(steps):
-        for v, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            saved[v] = step(m, batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                peak[v] = torch.cuda.max_memory_allocated()
-            times[v].append(time.perf_counter() - t0)
-    return [{"size": size, "variant": v, "first_loss": first[v], "min_ms": 1e3 * min(times[v]),
-             "median_ms": 1e3 * statistics.median(times[v]), "tokens_s": B * L / statistics.median(times[v]),
-             "saved_mb": saved[v] / 2**20, "peak_mb": peak.get(v, float("nan")) / 2**20} for v in VARIANTS]
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t, c, saved[n], peak[n] = timed_step(*fns[n], batch, device)
+            times[n].append(t)
+            cpu[n].append(c)
+    if memory and device.type == "cpu":
+        peak = {n: cpu_step_memory(size, n) for n in names}
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    return [{"size": size, "model": n, "first_loss": first[n], "min_ms": 1e3 * min(times[n]),
+             "median_ms": 1e3 * statistics.median(times[n]), "cpu_min_ms": 1e3 * min(cpu[n]),
+             "cpu_median_ms": 1e3 * statistics.median(cpu[n]), "tokens_s": tokens / statistics.median(times[n]),
+             "step_mb": peak.get(n, float("nan")), "saved_mb": saved[n] / 2**20} for n in names]
+
+
+def run_size_or_without_peer(size: str, names: list[str], args, device, dtype, notes: list[str]) -> list[dict]:
+    """run_size; on CUDA, where the peer has never run, a failing torchtitan is dropped with a note."""
+    try:
+        return run_size(size, names, args.rounds, device, dtype, not args.no_memory)
+    except Exception as exc:
+        if "torchtitan" not in names or device.type != "cuda":
+            raise
+        notes.append(f"{size}: no torchtitan row, it failed: {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.empty_cache()
+        return run_size(size, [n for n in names if n != "torchtitan"], args.rounds, device, dtype, False)
+
+
+def loss_check(rows: list[dict], dtype) -> list[str]:
+    """One line per size: the largest relative first-loss difference to moepipe's; raises past 1e-5 in fp32."""
+    lines = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        group = [r for r in rows if r["size"] == size]
+        ref = next((r["first_loss"] for r in group if r["model"] == "moepipe"), group[0]["first_loss"])
+        worst = max(abs(r["first_loss"] - ref) / abs(ref) for r in group)
+        lines.append(f"{size}: first losses equal to {worst:.1e} relative (limit {LOSS_RTOL:g} in fp32)")
+        if dtype == torch.float32 and worst > LOSS_RTOL:
+            raise AssertionError(lines[-1] + ": the models do not compute the same loss")
+    return lines
 
 
 def table(rows: list[dict]) -> str:
-    head = "| size | variant | first loss | step ms min | step ms median | tokens/s | saved for backward MB | peak MB |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| size | model | first loss | step ms min | step ms median | CPU ms min | CPU ms median | "
+            "/ torchtitan: min, median, CPU min, CPU median | tokens/s | step memory MB | saved for backward MB |")
+    lines = [head, "|" + "---|" * 11]
+    keys = ("min_ms", "median_ms", "cpu_min_ms", "cpu_median_ms")
+    titan = {r["size"]: r for r in rows if r["model"] == "torchtitan"}
     for r in rows:
-        lines.append(f"| {r['size']} | {r['variant']} | {r['first_loss']:.6f} | {r['min_ms']:.1f} | "
-                     f"{r['median_ms']:.1f} | {r['tokens_s']:.0f} | {r['saved_mb']:.1f} | {r['peak_mb']:.0f} |")
+        ref = titan.get(r["size"])
+        ratio = ", ".join(f"{r[k] / ref[k]:.2f}" for k in keys) if ref else "-"
+        lines.append(f"| {r['size']} | {r['model']} | {r['first_loss']:.6f} | {r['min_ms']:.1f} | "
+                     f"{r['median_ms']:.1f} | {r['cpu_min_ms']:.1f} | {r['cpu_median_ms']:.1f} | {ratio} | "
+                     f"{r['tokens_s']:.0f} | {r['step_mb']:.1f} | {r['saved_mb']:.1f} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", nargs="+", default=["tiny", "medium"], choices=sorted(SIZES))
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--models", nargs="+", default=["moepipe", "torchtitan"], choices=MODELS)
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per model, the models alternated")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the per-model memory subprocesses")
     ap.add_argument("--out", default=None, help="also write the table to DIR/bench_model.md")
+    ap.add_argument("--memory-of", default=None, choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message="In CPU autocast")
+    if args.memory_of:
+        return memory_child(args.size[0], args.memory_of)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    rows = [r for size in args.size for r in run_size(size, args.steps, device, dtype)]
-    text = (f"device {device}, {dtype}, {torch.get_num_threads()} threads, {args.steps} steps per variant, "
-            f"variants alternated in one process\n\n" + table(rows))
+    names, notes = list(dict.fromkeys(args.models)), []
+    if "torchtitan" in names:
+        reason = peer.unavailable_reason()
+        if reason:
+            names.remove("torchtitan")
+            notes.append(f"no torchtitan rows: {reason}")
+        else:
+            notes += peer.adaptations(device, dtype)
+    rows = [r for size in args.size for r in run_size_or_without_peer(size, names, args, device, dtype, notes)]
+    notes += loss_check(rows, dtype)
+    text = (f"device {device}, {dtype}, {torch.get_num_threads()} threads, {args.rounds} rounds, models alternated "
+            f"in one process (order flipped every round); step memory: "
+            f"{'CUDA allocator peak above pre-step' if device.type == 'cuda' else 'peak RSS above pre-step RSS, fresh process per model'}\n"
+            + "".join(f"- {n}\n" for n in notes) + "\n" + table(rows))
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

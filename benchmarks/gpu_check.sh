@@ -5,7 +5,9 @@
 # goes to OUT_DIR, and OUT_DIR/summary.txt has one line per step with its exit code and seconds.
 #   1. the CUDA test subset: grouped experts (bf16, no host sync), flex vs dense attention
 #      (forward and gradients), compile and recompute, FP8 backends;
-#   2. benchmarks/bench_model.py on CUDA in bf16 (the ~1B-activated size and medium);
+#   2. benchmarks/bench_model.py on CUDA in bf16 (the ~1B-activated size and medium), moepipe
+#      against torchtitan's DeepSeek-V3 model when torchtitan travels as a wheel (else moepipe
+#      rows only, the reason printed with the table);
 #   3. benchmarks/bench_fp8.py --quick.
 # --cpu runs the same plumbing at tiny sizes on the CPU (CI keeps it from rotting).
 #
@@ -37,14 +39,14 @@ python -c "import torch; print(torch.__version__, torch.cuda.is_available())" > 
 if [ "$MODE" = cpu ]; then
     step tests 120 python -m pytest -q -x -p no:cacheprovider tests/unit/test_moe.py::test_grouped_gemm_equals_the_expert_loop_on_cpu \
         tests/unit/test_attention_paths.py::test_flex_forward_equals_dense_on_cpu
-    step bench_model 120 python benchmarks/bench_model.py --size micro --steps 1 --device cpu --out "$OUT"
+    step bench_model 120 python benchmarks/bench_model.py --size micro --rounds 1 --device cpu --out "$OUT"
     step bench_fp8 120 python benchmarks/bench_fp8.py --device cpu --no-compile --skip step \
         --model-config configs/tiny.yaml --set data.seq_len=32 model.max_seq_len=32
 else
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     step tests 150 python -m pytest -q -p no:cacheprovider tests/unit/test_moe.py tests/unit/test_attention_paths.py \
         tests/unit/test_block_policies.py tests/unit/test_fp8_backends.py tests/unit/test_fp8_emulate.py
-    step bench_model 150 python benchmarks/bench_model.py --size b1 medium --steps 5 --out "$OUT"
+    step bench_model 170 python benchmarks/bench_model.py --size b1 medium --rounds 4 --out "$OUT"
     step bench_fp8 140 python benchmarks/bench_fp8.py --quick
 fi
 cp "$OUT/bench_fp8.log" "$OUT/bench_fp8.md" 2>/dev/null

@@ -14,5 +14,5 @@ def test_gpu_check_cpu_dry_path(tmp_path):
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in summary] == ["tests", "bench_model", "bench_fp8"], summary
     assert res.returncode == 0, (summary, res.stdout[-2000:], res.stderr[-2000:])
-    assert "| micro | grouped |" in (tmp_path / "bench_model.md").read_text()
+    assert "| micro | moepipe |" in (tmp_path / "bench_model.md").read_text()
     assert "Grouped expert GEMM" in (tmp_path / "bench_fp8.md").read_text()
