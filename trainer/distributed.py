@@ -16,7 +16,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 
 

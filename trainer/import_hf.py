@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer.config import ConfigError, dump_yaml, load_config
 from trainer.hf_names import HFNameError, from_hf, overrides_from_hf
 from trainer.cli import user_errors

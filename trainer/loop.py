@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer import distributed as dist_run
 from model.batch import make_batch
 from trainer.config import Config, ConfigError, dump_yaml

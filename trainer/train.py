@@ -82,7 +82,7 @@ def own_output_dir(cfg, topology, device):
 
 def _run(cfg, topology, device, previous_holder) -> int:
     from data.stream import stream_from_config
-    from trainer import checkpoint as ckpt
+    from parallel import checkpoint as ckpt
     from trainer import preflight
     from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
     from trainer.metrics import MetricsWriter, setup_logging

@@ -82,7 +82,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
     os.makedirs(os.path.join(ckpts, "step_00000099.tmp-1"), exist_ok=True)  # a half-written save
     with open(os.path.join(ckpts, "step_00000099.tmp-1", "state.pt"), "wb") as f:
         f.write(b"partial")
-    from trainer.checkpoint import list_checkpoints
+    from parallel.checkpoint import list_checkpoints
     complete = [os.path.basename(p) for p in list_checkpoints(ckpts)]  # a kill mid-prune leaves *.pruned
     resume_from = int(complete[-1][5:]) if complete else 0
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from model.batch import make_batch
 from trainer.config import dump_yaml, load_config
 from trainer.export import export, read_model_state
