@@ -12,14 +12,12 @@ power loss cannot expose a renamed directory whose files are still empty. The ma
 name files inside the checkpoint (relative, no `..`) and must list state.pt; its step must match
 the directory name.
 
-The DCP part stores every tensor under its single-process name with its *global* shape:
-`model.<param>` and `optim.<param>.{master,exp_avg,exp_avg_sq}`. Expert tensors (rows
-[offset, offset + E_loc) of a global [E, ...] tensor, see `parallel.expert`) are written as
-DTensors sharded on dim 0 over the ep group, so a rank saves only its experts and, on load, DCP
-reads whichever rows the new layout's ep rank owns. Dense tensors are replicated; DCP keeps one
-copy. ZeRO-1 moment shards are gathered per parameter over their group before saving (cost: one
-parameter-sized copy of the state per rank during the save) and re-sharded by the new layout on
-load.
+The DCP part holds the engine's tensors (`parallel.engine`), whatever the layout, under their
+single-process names and *global* shapes: `model.<param>`, `optim.<param>.{master,exp_avg,
+exp_avg_sq}` and `optim.step`. A sharded run writes its expert rows as DTensor shards and its
+gathered ZeRO-1 state; on load DCP reads whichever slices the new layout's rank holds. So every
+checkpoint resumes at every layout (one process, dp x ep, pp) through one path, `load`; a
+checkpoint without optimizer tensors holds weights only (`trainer.import_hf`).
 
 DCP keeps its metadata in a pickle that its FileSystemReader reads with plain `pickle.load`;
 `safe_reader` reads it with an unpickler that only builds DCP's own metadata classes, tensors go
@@ -31,21 +29,25 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import random
 import re
 import shutil
 import threading
+import warnings
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch import Tensor
 
-from parallel.expert import expert_shards
+from parallel.topology import Topology
+
+log = logging.getLogger("moepipe")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -222,15 +224,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
-    """Single-process save: write atomically and prune to `keep_last`; returns the final directory.
-    Removes only this process's own partial directories (another run's may be in progress)."""
+def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int,
+                     tensors: dict[str, Tensor] | None = None) -> str:
+    """Save from one process (no collective): `tensors` into dcp/, the small `state` into state.pt,
+    atomically, then prune to `keep_last`; returns the final directory. Removes only this
+    process's own partial directories (another run's may be in progress)."""
     os.makedirs(root, exist_ok=True)
     remove_partial(root, own_only=True)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     try:
+        if tensors is not None:
+            with warnings.catch_warnings():  # DCP warns that it saves from a single process: it is meant
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"), no_dist=True)
         return finalize(root, tmp, final, step, state, config_yaml, keep_last)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -248,6 +256,79 @@ def disk_full_message(root: str, step: int) -> str:
     return (f"checkpoint path = {os.path.join(root, f'step_{step:08d}')!r}: no space left on the device while "
             f"saving ({free}); the partial directory was removed and {previous or 'no earlier checkpoint'} is "
             "intact; free disk space (or lower checkpoint.keep_last) and resume")
+
+
+def save(root: str, step: int, tensors: dict[str, Tensor], state: dict, config_yaml: str, keep_last: int,
+         topology: Topology) -> str:
+    """Collective save at any layout: every rank writes its DCP shards, rank 0 adds state.pt,
+    config.yaml and the manifest and renames the directory into place."""
+    if topology.world_size == 1:
+        return write_checkpoint(root, step, state, config_yaml, keep_last, tensors)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = f"{final}.tmp-dist"
+    if topology.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # our own earlier attempt; other leftovers go at start-up, under the lock
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"))
+    dist.barrier()
+    if topology.rank == 0:
+        finalize(root, tmp, final, step, state, config_yaml, keep_last)
+    dist.barrier()
+    return final
+
+
+class Stateful(Protocol):
+    """What `load` fills: an engine (`parallel.engine`), whose tensors carry single-process names."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def load(path: str, engine: Stateful) -> dict | None:
+    """The one resume path, for a checkpoint of any layout into an engine of any layout (every
+    rank calls it). Verifies the manifest, fills the engine's tensors from dcp/ (DCP reads
+    whichever slices this rank holds) and returns the small state (step, data position, RNG);
+    None for a weights-only checkpoint (no optimizer state: `trainer.import_hf`)."""
+    state = read_checkpoint(path)
+    reader = _dcp_reader(path)
+    saved = set(reader.read_metadata().state_dict_metadata)
+    tensors = engine.state_dict()
+    weights_only = "optim.step" not in saved
+    if weights_only:
+        tensors = {k: v for k, v in tensors.items() if k.startswith("model.")}
+    missing = sorted(set(tensors) - saved)
+    if missing:
+        raise CheckpointError(f"{path}: has no {missing[:3]} ({len(missing)} tensors missing); the model config "
+                              f"differs from the checkpoint's config.yaml")
+    dcp.load(tensors, storage_reader=reader)
+    engine.load_state_dict(tensors)
+    return None if weights_only else state
+
+
+def _dcp_reader(path: str):
+    where = os.path.join(path, "dcp")
+    if not os.path.isfile(os.path.join(where, ".metadata")):
+        raise CheckpointError(f"{path}: no dcp/.metadata; written by an older version of this trainer "
+                              "(tensors inside state.pt), which this one cannot resume")
+    try:
+        return safe_reader(where)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resume_path(resume: str, output_dir: str) -> str | None:
+    """checkpoint.resume: 'none', 'auto' (the latest in output_dir/checkpoints, if any) or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(os.path.join(output_dir, "checkpoints"))
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"checkpoint.resume = {resume!r}: no such checkpoint directory")
+    return resume
 
 
 def read_checkpoint(path: str) -> dict:
@@ -339,9 +420,6 @@ class AsyncWriter:
             raise error
 
 
-_OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
 # DCP metadata classes that may appear in a .metadata pickle; anything else is refused.
 _DCP_ALLOWED = {
     "torch.distributed.checkpoint.metadata": None,  # None = any class defined in that module
@@ -390,54 +468,32 @@ def safe_reader(path: str):
     return SafeReader(path)
 
 
-def _ep_mesh(topology, device: str):
-    if topology.ep == 1:
-        return None
-    return DeviceMesh.from_group(topology.group("ep"), device_type=device)
+class Checkpointer:
+    """The saves of one run. Every rank calls `save`; a run of one process may write in a
+    background thread (`async_save`) from CPU copies of its tensors."""
+
+    def __init__(self, root: str, config_yaml: str, keep_last: int, topology: Topology, async_save: bool):
+        self.root, self.config_yaml, self.keep_last, self.topology = root, config_yaml, keep_last, topology
+        self.writer = AsyncWriter() if async_save and topology.world_size == 1 else None
+
+    def save(self, step: int, tensors: dict[str, Tensor], state: dict) -> None:
+        if self.writer is None:
+            path = save(self.root, step, tensors, state, self.config_yaml, self.keep_last, self.topology)
+            log.info("saved checkpoint %s", path)
+            return
+        # training goes on mutating the live tensors
+        self.writer.submit(self.root, step, _cpu_copy(state), self.config_yaml, self.keep_last, _cpu_copy(tensors))
+
+    def wait(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
 
 
-def _wrap(t: Tensor, name: str, shards: dict, mesh):
-    """Expert tensors become DTensor shards of their global tensor; the rest stay plain."""
-    if name not in shards or mesh is None:
-        return t
-    n_global = shards[name][1]
-    shape = (n_global,) + tuple(t.shape[1:])
-    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                              stride=torch.empty(shape, device="meta").stride())
-
-
-def _state(model: nn.Module, optimizer, topology, opt_state: dict | None) -> dict:
-    shards = expert_shards(model)
-    device = next(model.parameters()).device.type
-    mesh = _ep_mesh(topology, device)
-    state = {f"model.{k}": _wrap(v, k, shards, mesh) for k, v in model.state_dict().items()}
-    if optimizer is not None:
-        state["optim.step"] = torch.tensor(optimizer.step_count, dtype=torch.int64)
-        for name, per in opt_state.items():
-            for key in _OPT_KEYS:
-                state[f"optim.{name}.{key}"] = _wrap(per[key], name, shards, mesh)
-    return state
-
-
-def save_checkpoint(path: str, model: nn.Module, optimizer, topology) -> None:
-    """Collective: every rank calls it. `optimizer` is a `ZeroAdamW` or None."""
-    opt_state = optimizer.full_state() if optimizer is not None else None
-    dcp.save(_state(model, optimizer, topology, opt_state), checkpoint_id=path)
-
-
-def load_checkpoint(path: str, model: nn.Module, optimizer, topology) -> None:
-    """Collective: fill the model (and optimizer) of this layout from a checkpoint of any layout."""
-    opt_state = None
-    if optimizer is not None:
-        opt_state = {name: {k: torch.zeros_like(p, dtype=torch.float32) for k in _OPT_KEYS}
-                     for b in optimizer.buckets for name, p, _ in b.params}
-    state = _state(model, optimizer, topology, opt_state)
-    dcp.load(state, storage_reader=safe_reader(path))
-    local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
-    with torch.no_grad():
-        model.load_state_dict({k[len("model."):]: v for k, v in local.items() if k.startswith("model.")})
-    if optimizer is not None:
-        for name, per in opt_state.items():
-            for key in _OPT_KEYS:
-                per[key] = local[f"optim.{name}.{key}"]
-        optimizer.load_full_state(opt_state, int(local["optim.step"]))
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
