@@ -134,12 +134,12 @@ def _nbytes(tensors) -> int:
 
 def train_step(run, lr: float, saved: SavedBytes | None = None) -> int:
     """One optimizer step through the trainer; returns the gradient bytes seen before the update."""
-    from trainer.loop import forward_backward, optimizer_step, reduce_metrics
+    from trainer.loop import optimizer_step, take_batches
+    batches = take_batches(run)
     with saved.hooks() if saved is not None else _nothing():
-        m = forward_backward(run)
+        m = run.engine.forward_backward(batches)
     grads = _nbytes(p.grad for p in run.model.parameters())
-    reduce_metrics(run, m)
-    optimizer_step(run, m, lr)
+    optimizer_step(run, run.engine.reduce_metrics(m), lr)
     return grads
 
 
@@ -153,11 +153,11 @@ class _nothing:
 
 def measure_rank(rank: int, world: int, cfg, steps: int) -> dict:
     """Build one rank as the trainer does, run 1 + `steps` steps, return its bytes and times."""
-    from trainer.loop import build_run
+    from trainer.train import build_run, pick_device
     topo = Topology.from_config(cfg.parallel, world, rank, cfg.moe.num_experts)
     stream = RandomStream(cfg.model.vocab_size, cfg.data.seq_len, seed=1000 + topo.dp_rank)
-    run = build_run(cfg, stream, topo, torch.device("cpu"))
-    model, zero = run.model, run.zero
+    run = build_run(cfg, stream, topo, torch.device("cpu"), pick_device(cfg)[1])
+    model, zero = run.model, run.engine.zero
     saved = SavedBytes(model.parameters())
     grads = train_step(run, cfg.optim.lr, saved)
     times = []

@@ -1,33 +1,423 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP) that reshard across (dp, ep) layouts.
+"""Checkpoints for every layout: atomic directories, verified on load, tensors in DCP format.
 
-The checkpoint stores every tensor under its single-process name with its *global* shape:
-`model.<param>` and `optim.<param>.{master,exp_avg,exp_avg_sq}`. Expert tensors (rows
-[offset, offset + E_loc) of a global [E, ...] tensor, see `parallel.expert`) are written as
-DTensors sharded on dim 0 over the ep group, so a rank saves only its experts and, on load, DCP
-reads whichever rows the new layout's ep rank owns. Dense tensors are replicated; DCP keeps one
-copy. ZeRO-1 moment shards are gathered per parameter over their group before saving (cost: one
-parameter-sized copy of the state per rank during the save) and re-sharded by the new layout on
-load, so any (dp, ep) pair with the same pp split can resume.
+A checkpoint is a directory `step_00000100/` holding `state.pt` (RNG states, data-stream position,
+step: the small extras), `config.yaml` (the fully resolved config), `manifest.json` (size and
+sha256 of every file, verified on load) and, for the tensors, a torch.distributed.checkpoint (DCP)
+directory `dcp/`. It is written into `step_00000100.tmp-*/` and renamed into place only when
+complete, so a crash mid-write leaves only a `.tmp-*` directory that is never picked up (and is
+removed by the next save). `latest` is found by scanning, not by a pointer file that could go
+stale. `state.pt` is loaded with `torch.load(..., weights_only=True)`: a checkpoint from elsewhere
+cannot run code. Files and the parent directory are fsynced before and after the rename, so a
+power loss cannot expose a renamed directory whose files are still empty. The manifest may only
+name files inside the checkpoint (relative, no `..`) and must list state.pt; its step must match
+the directory name.
+
+The DCP part holds the engine's tensors (`parallel.engine`), whatever the layout, under their
+single-process names and *global* shapes: `model.<param>`, `optim.<param>.{master,exp_avg,
+exp_avg_sq}` and `optim.step`. A sharded run writes its expert rows as DTensor shards and its
+gathered ZeRO-1 state; on load DCP reads whichever slices the new layout's rank holds. So every
+checkpoint resumes at every layout (one process, dp x ep, pp) through one path, `load`; a
+checkpoint without optimizer tensors holds weights only (`trainer.import_hf`).
 
 DCP keeps its metadata in a pickle that its FileSystemReader reads with plain `pickle.load`;
-`safe_reader` reads it with an unpickler that only builds DCP's own metadata classes, so loading a
-checkpoint from elsewhere cannot run code.
+`safe_reader` reads it with an unpickler that only builds DCP's own metadata classes, tensors go
+through torch's weights_only loader, so loading a checkpoint from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
+import json
+import logging
 import os
 import pickle
+import random
+import re
+import shutil
+import threading
+import warnings
+from typing import Protocol
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch import Tensor
 
-from parallel.expert import expert_shards
+from parallel.topology import Topology
 
-_OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
+log = logging.getLogger("moepipe")
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2], "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_plain(obj):
+    """numpy values in a state dict -> python/tensor so weights_only loading accepts them."""
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def has_valid_manifest(path: str) -> bool:
+    """A readable manifest whose step matches the directory (files are verified on load only)."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        _read_manifest(path, manifest)
+    except CheckpointError:
+        return False
+    return True
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints of the current branch, oldest first: `step_N/` with a valid manifest
+    (a directory a crash left without one is neither counted by pruning nor picked to resume)."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    return [os.path.join(root, n) for n in names if has_valid_manifest(os.path.join(root, n))]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial(root: str, own_only: bool = False) -> list[str]:
+    """Delete leftovers of saves that crashed half-way (`*.tmp-*`) and of interrupted prunes
+    (`*.pruned`); returns the names removed. Only the holder of the output-dir lock may remove
+    everyone's (`trainer.run_dir`); `own_only` removes just this process's."""
+    removed = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            mine = name.endswith(f".tmp-{os.getpid()}")
+            if (".tmp-" in name or name.endswith(PRUNED)) and (mine or not own_only):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+PRUNED = ".pruned"
+
+
+def prune(root: str, keep_last: int) -> list[str]:
+    """Delete all but the `keep_last` newest checkpoints of the current branch. Each is renamed
+    out of the `step_N` pattern first, so a kill mid-delete never leaves a half-deleted `step_N/`."""
+    removed = []
+    for old in list_checkpoints(root)[:-keep_last]:
+        doomed = old + PRUNED
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def step_of(path: str) -> int | None:
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def start_branch(root: str, resumed: str) -> str | None:
+    """Resuming from `resumed` abandons every later checkpoint in `root`: move them (not delete)
+    into `root/abandoned-after-step_N-<k>/`, so pruning and auto-resume follow the new branch.
+    Returns the directory they went to (None when there were none)."""
+    step = step_of(resumed)
+    if step is None or not os.path.isdir(root):
+        return None
+    later = [n for n in sorted(os.listdir(root)) if STEP_DIR.match(n) and int(n[5:]) > step]
+    if not later:
+        return None
+    k = 0
+    while os.path.exists(aside := os.path.join(root, f"abandoned-after-step_{step:08d}-{k}")):
+        k += 1
+    os.makedirs(aside)
+    for name in later:
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
+    _fsync_dir(root)
+    return aside
+
+
+def _files(top: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(top):
+        out += [os.path.relpath(os.path.join(dirpath, n), top) for n in names]
+    return sorted(out)
+
+
+def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
+    """Add state.pt, config.yaml and the manifest of every file under `tmp`, rename, prune."""
+    with open(os.path.join(tmp, "state.pt"), "wb") as f:
+        torch.save(_to_plain(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(config_yaml)
+        f.flush()
+        os.fsync(f.fileno())
+    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+             for n in _files(tmp)}
+    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):
+        os.rename(final, final + PRUNED)
+        shutil.rmtree(final + PRUNED)
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep_last)
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename/creation inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_last: int,
+                     tensors: dict[str, Tensor] | None = None) -> str:
+    """Save from one process (no collective): `tensors` into dcp/, the small `state` into state.pt,
+    atomically, then prune to `keep_last`; returns the final directory. Removes only this
+    process's own partial directories (another run's may be in progress)."""
+    os.makedirs(root, exist_ok=True)
+    remove_partial(root, own_only=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        if tensors is not None:
+            with warnings.catch_warnings():  # DCP warns that it saves from a single process: it is meant
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"), no_dist=True)
+        return finalize(root, tmp, final, step, state, config_yaml, keep_last)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(disk_full_message(root, step)) from None
+        raise
+
+
+def disk_full_message(root: str, step: int) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    previous = latest_checkpoint(root)
+    return (f"checkpoint path = {os.path.join(root, f'step_{step:08d}')!r}: no space left on the device while "
+            f"saving ({free}); the partial directory was removed and {previous or 'no earlier checkpoint'} is "
+            "intact; free disk space (or lower checkpoint.keep_last) and resume")
+
+
+def save(root: str, step: int, tensors: dict[str, Tensor], state: dict, config_yaml: str, keep_last: int,
+         topology: Topology) -> str:
+    """Collective save at any layout: every rank writes its DCP shards, rank 0 adds state.pt,
+    config.yaml and the manifest and renames the directory into place."""
+    if topology.world_size == 1:
+        return write_checkpoint(root, step, state, config_yaml, keep_last, tensors)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = f"{final}.tmp-dist"
+    if topology.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # our own earlier attempt; other leftovers go at start-up, under the lock
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"))
+    dist.barrier()
+    if topology.rank == 0:
+        finalize(root, tmp, final, step, state, config_yaml, keep_last)
+    dist.barrier()
+    return final
+
+
+class Stateful(Protocol):
+    """What `load` fills: an engine (`parallel.engine`), whose tensors carry single-process names."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def load(path: str, engine: Stateful) -> dict | None:
+    """The one resume path, for a checkpoint of any layout into an engine of any layout (every
+    rank calls it). Verifies the manifest, fills the engine's tensors from dcp/ (DCP reads
+    whichever slices this rank holds) and returns the small state (step, data position, RNG);
+    None for a weights-only checkpoint (no optimizer state: `trainer.import_hf`)."""
+    state = read_checkpoint(path)
+    reader = _dcp_reader(path)
+    saved = set(reader.read_metadata().state_dict_metadata)
+    tensors = engine.state_dict()
+    weights_only = "optim.step" not in saved
+    if weights_only:
+        tensors = {k: v for k, v in tensors.items() if k.startswith("model.")}
+    missing = sorted(set(tensors) - saved)
+    if missing:
+        raise CheckpointError(f"{path}: has no {missing[:3]} ({len(missing)} tensors missing); the model config "
+                              f"differs from the checkpoint's config.yaml")
+    dcp.load(tensors, storage_reader=reader)
+    engine.load_state_dict(tensors)
+    return None if weights_only else state
+
+
+def _dcp_reader(path: str):
+    where = os.path.join(path, "dcp")
+    if not os.path.isfile(os.path.join(where, ".metadata")):
+        raise CheckpointError(f"{path}: no dcp/.metadata; written by an older version of this trainer "
+                              "(tensors inside state.pt), which this one cannot resume")
+    try:
+        return safe_reader(where)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resume_path(resume: str, output_dir: str) -> str | None:
+    """checkpoint.resume: 'none', 'auto' (the latest in output_dir/checkpoints, if any) or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(os.path.join(output_dir, "checkpoints"))
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"checkpoint.resume = {resume!r}: no such checkpoint directory")
+    return resume
+
+
+def read_checkpoint(path: str) -> dict:
+    """Verify the manifest, then load `state.pt` with weights_only=True."""
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path}: no manifest.json; not a complete checkpoint")
+    files = _read_manifest(path, manifest_path)
+    for name, meta in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: size or checksum differs from manifest.json; the checkpoint is "
+                                  "corrupt: delete it to resume from the previous one")
+    try:
+        return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
+        raise CheckpointError(f"{path}/state.pt: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def _read_manifest(path: str, manifest_path: str) -> dict:
+    """The manifest's file table, validated: plain names inside the checkpoint, state.pt listed."""
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files, step = manifest["files"], manifest["step"]
+        ok = isinstance(files, dict) and all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values())
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise CheckpointError(f"{manifest_path}: 'files' must map names to {{bytes, sha256}}")
+    bad = [n for n in files if not isinstance(n, str) or os.path.isabs(n)
+           or any(part in ("", ".", "..") for part in n.split("/"))]
+    if bad:
+        raise CheckpointError(f"{manifest_path}: names {bad[:3]} are not file paths inside the checkpoint")
+    if "state.pt" not in files:
+        raise CheckpointError(f"{manifest_path}: does not list state.pt; not a checkpoint of this trainer")
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"{manifest_path}: step {step!r} but the directory is {os.path.basename(path)}")
+    return files
+
+
+def read_dcp(path: str) -> dict:
+    """Every tensor of a DCP checkpoint at full (global) shape, on CPU, in this one process."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: no .metadata; not a DCP checkpoint")
+    try:
+        reader = safe_reader(path)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    state: dict = {}
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: DCP checkpoint unreadable ({type(e).__name__}: {str(e)[:300]})") from None
+    return state
+
+
+class AsyncWriter:
+    """Runs `write_checkpoint` in one background thread; `wait()` before the next save or exit."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, *args) -> None:
+        self.wait()
+
+        def run():
+            try:
+                write_checkpoint(*args)
+            except BaseException as e:  # re-raised on the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # DCP metadata classes that may appear in a .metadata pickle; anything else is refused.
@@ -78,54 +468,32 @@ def safe_reader(path: str):
     return SafeReader(path)
 
 
-def _ep_mesh(topology, device: str):
-    if topology.ep == 1:
-        return None
-    return DeviceMesh.from_group(topology.group("ep"), device_type=device)
+class Checkpointer:
+    """The saves of one run. Every rank calls `save`; a run of one process may write in a
+    background thread (`async_save`) from CPU copies of its tensors."""
+
+    def __init__(self, root: str, config_yaml: str, keep_last: int, topology: Topology, async_save: bool):
+        self.root, self.config_yaml, self.keep_last, self.topology = root, config_yaml, keep_last, topology
+        self.writer = AsyncWriter() if async_save and topology.world_size == 1 else None
+
+    def save(self, step: int, tensors: dict[str, Tensor], state: dict) -> None:
+        if self.writer is None:
+            path = save(self.root, step, tensors, state, self.config_yaml, self.keep_last, self.topology)
+            log.info("saved checkpoint %s", path)
+            return
+        # training goes on mutating the live tensors
+        self.writer.submit(self.root, step, _cpu_copy(state), self.config_yaml, self.keep_last, _cpu_copy(tensors))
+
+    def wait(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
 
 
-def _wrap(t: Tensor, name: str, shards: dict, mesh):
-    """Expert tensors become DTensor shards of their global tensor; the rest stay plain."""
-    if name not in shards or mesh is None:
-        return t
-    n_global = shards[name][1]
-    shape = (n_global,) + tuple(t.shape[1:])
-    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                              stride=torch.empty(shape, device="meta").stride())
-
-
-def _state(model: nn.Module, optimizer, topology, opt_state: dict | None) -> dict:
-    shards = expert_shards(model)
-    device = next(model.parameters()).device.type
-    mesh = _ep_mesh(topology, device)
-    state = {f"model.{k}": _wrap(v, k, shards, mesh) for k, v in model.state_dict().items()}
-    if optimizer is not None:
-        state["optim.step"] = torch.tensor(optimizer.step_count, dtype=torch.int64)
-        for name, per in opt_state.items():
-            for key in _OPT_KEYS:
-                state[f"optim.{name}.{key}"] = _wrap(per[key], name, shards, mesh)
-    return state
-
-
-def save_checkpoint(path: str, model: nn.Module, optimizer, topology) -> None:
-    """Collective: every rank calls it. `optimizer` is a `ZeroAdamW` or None."""
-    opt_state = optimizer.full_state() if optimizer is not None else None
-    dcp.save(_state(model, optimizer, topology, opt_state), checkpoint_id=path)
-
-
-def load_checkpoint(path: str, model: nn.Module, optimizer, topology) -> None:
-    """Collective: fill the model (and optimizer) of this layout from a checkpoint of any layout."""
-    opt_state = None
-    if optimizer is not None:
-        opt_state = {name: {k: torch.zeros_like(p, dtype=torch.float32) for k in _OPT_KEYS}
-                     for b in optimizer.buckets for name, p, _ in b.params}
-    state = _state(model, optimizer, topology, opt_state)
-    dcp.load(state, storage_reader=safe_reader(path))
-    local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
-    with torch.no_grad():
-        model.load_state_dict({k[len("model."):]: v for k, v in local.items() if k.startswith("model.")})
-    if optimizer is not None:
-        for name, per in opt_state.items():
-            for key in _OPT_KEYS:
-                per[key] = local[f"optim.{name}.{key}"]
-        optimizer.load_full_state(opt_state, int(local["optim.step"]))
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj

@@ -79,7 +79,7 @@ class ZeroAdamW:
             raise ValueError(f"bucket_mb = {bucket_mb}: must be positive")
         self.topology, self.lr, self.betas, self.eps = topology, lr, betas, eps
         self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
-        self._grad_groups, self._armed, self._next, self.launched_in_backward = None, False, 0, 0
+        self._hooked, self._armed, self._next, self.launched_in_backward = False, False, 0, 0
         experts = expert_shards(model)
         spaces: dict[tuple[str, float], list] = {}
         for name, p in model.named_parameters():
@@ -96,6 +96,13 @@ class ZeroAdamW:
             b.master = b.my_slice(b.flat_params()).clone()
             b.exp_avg = torch.zeros_like(b.master, dtype=moment_dtype)
             b.exp_avg_sq = torch.zeros_like(b.master, dtype=moment_dtype)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, topology, optim_cfg, **kwargs) -> "ZeroAdamW":
+        """From an `optim:` config section (lr, betas, eps, weight decay, clip, bf16 moments)."""
+        o = optim_cfg
+        return cls(model, topology, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                   grad_clip=o.grad_clip, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32, **kwargs)
 
     def _make_buckets(self, named, kind: str, wd: float, cap: int) -> list[_Bucket]:
         """Reverse registration order (roughly the order gradients appear in backward)."""
@@ -119,24 +126,19 @@ class ZeroAdamW:
 
         Buckets are launched strictly in bucket order on every rank (one whose parameters got no
         gradient here holds back the ones after it until `reduce_gradients`), so collectives match
-        across ranks even when routing differs; they run on process groups of their own, so they
-        never interleave with the expert all-to-alls issued by the same backward."""
-        if self._grad_groups is None:
+        across ranks even when routing differs; they run on the topology's `dp_grad` / `edp_grad`
+        groups (same ranks as dp / edp, communicators of their own), so they never interleave
+        with the expert all-to-alls issued by the same backward."""
+        if not self._hooked:
             self._install_hooks()
+            self._hooked = True
         self._armed, self._next = True, 0
         for b in self.buckets:
             b.ready = 0
 
     def _install_hooks(self) -> None:
-        self._grad_groups = {}
-        if self.topology.world_size > 1:  # every rank creates every group, in one order
-            for kind in ("dp", "edp"):
-                for ranks in self.topology.layout.groups[kind]:
-                    group = dist.new_group(list(ranks))
-                    if self.topology.rank in ranks:
-                        self._grad_groups[kind] = group
         for b in self.buckets:
-            b.grad_group = self._grad_groups.get(b.kind, b.group)
+            b.grad_group = self.topology.group(f"{b.kind}_grad")
             for _, p, _ in b.params:
                 p.register_post_accumulate_grad_hook(self._hook(b))
 
@@ -250,6 +252,14 @@ class ZeroAdamW:
                 out[name] = {k: v[off:off + p.numel()].view_as(p).clone() for k, v in full.items()}
         return out
 
+    def reset_from_params(self) -> None:
+        """Fresh optimizer over the current parameters (after loading weights only)."""
+        self.step_count = 0
+        for b in self.buckets:
+            b.master.copy_(b.my_slice(b.flat_params()))
+            b.exp_avg.zero_()
+            b.exp_avg_sq.zero_()
+
     def load_full_state(self, state: dict[str, dict[str, Tensor]], step: int) -> None:
         """Inverse of `full_state`: keep my shard of every bucket."""
         self.step_count = step
@@ -268,14 +278,3 @@ class ZeroAdamW:
         _all_gather_flat(flat, shard.contiguous(), group=b.group)
         return flat
 
-
-def average_gradients(model: nn.Module, topology) -> None:
-    """Plain (non-ZeRO) data parallel: dense grads averaged over dp, expert grads summed over edp / dp."""
-    experts = expert_shards(model)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        kind = "edp" if name in experts else "dp"
-        if topology.size(kind) > 1:
-            dist.all_reduce(p.grad, group=topology.group(kind))
-        p.grad.div_(topology.dp)

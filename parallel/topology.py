@@ -15,7 +15,8 @@ ranks on my node, `ep_inter` = the ep ranks on other nodes with my local index (
 GPU on every node" rail a token crosses on before fanning out inside the node).
 
 `plan_layout` is pure layout math (no processes); `Topology.from_config` adds this rank's
-coordinates and creates every process group from that plan. No module-level state.
+coordinates and creates every process group from that plan (a world of one has none). No
+module-level state; nothing else creates process groups.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 GROUP_KINDS = ("dp", "pp", "ep", "edp", "ep_intra", "ep_inter")
+# Same ranks as dp / edp on communicators of their own: ZeRO-1's gradient reduce-scatters, issued
+# from hooks during backward, never interleave with the expert all-to-alls of that backward.
+OWN_GROUP_KINDS = {"dp_grad": "dp", "edp_grad": "edp"}
 
 
 @dataclass(frozen=True)
@@ -154,11 +158,6 @@ class Topology:
             topo.groups = _create_groups(layout, rank)
         return topo
 
-    @classmethod
-    def single(cls) -> "Topology":
-        """World of one: every degree 1, no process groups."""
-        return cls(plan_layout(1), 0)
-
     # ---- degrees and coordinates
     @property
     def world_size(self) -> int:
@@ -212,12 +211,12 @@ class Topology:
 
     def ranks(self, kind: str) -> list[int]:
         """Global ranks of my `kind` group."""
-        return self.layout.group_of(kind, self.rank)
+        return self.layout.group_of(OWN_GROUP_KINDS.get(kind, kind), self.rank)
 
     def group(self, kind: str):
         """Process group of `kind` (None in a world of one: collectives are skipped there)."""
-        if kind not in GROUP_KINDS:
-            raise KeyError(f"unknown group kind {kind!r}; one of {GROUP_KINDS}")
+        if kind not in GROUP_KINDS and kind not in OWN_GROUP_KINDS:
+            raise KeyError(f"unknown group kind {kind!r}; one of {GROUP_KINDS + tuple(OWN_GROUP_KINDS)}")
         return self.groups.get(kind)
 
     def size(self, kind: str) -> int:
@@ -239,4 +238,9 @@ def _create_groups(layout: Layout, rank: int) -> dict[str, object]:
                 made[key] = dist.new_group(list(ranks)) if len(ranks) < layout.world_size else dist.group.WORLD
             if rank in ranks:
                 mine[kind] = made[key]
+    for kind, same_as in OWN_GROUP_KINDS.items():
+        for ranks in layout.groups[same_as]:
+            group = dist.new_group(list(ranks))
+            if rank in ranks:
+                mine[kind] = group
     return mine

@@ -41,7 +41,7 @@ def tiny_checkpoint(tiny_data, tmp_path_factory):
     import torch
 
     from model.transformer import build_model
-    from trainer.checkpoint import write_checkpoint
+    from parallel.checkpoint import write_checkpoint
     from trainer.config import dump_yaml, load_config
 
     _, data_cfg = tiny_data
@@ -52,5 +52,6 @@ def tiny_checkpoint(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg)
     root = str(tmp_path_factory.mktemp("tiny_ckpt"))
-    path = write_checkpoint(root, 1, {"model": model.state_dict(), "step": 1}, dump_yaml(cfg), keep_last=1)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    path = write_checkpoint(root, 1, {"step": 1}, dump_yaml(cfg), keep_last=1, tensors=tensors)
     return path, cfg

@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by C
 
 def _user_error_types() -> tuple:
     from data.indexed import IndexedDataError
-    from trainer.checkpoint import CheckpointError
+    from parallel.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.loop import NonFiniteError
     from trainer.run_dir import RunDirError

@@ -71,7 +71,7 @@ def load_rows(reader, rows: list[int | None], seq_len: int, pad_id: int):
 
 
 @torch.no_grad()
-def split_sums(model, reader, n_total: int, cfg, device, autocast_dtype=None, fp8_context=None,
+def split_sums(model, reader, n_total: int, cfg, device, make_context=contextlib.nullcontext,
                rank: int = 0, world: int = 1, pad_id: int = 0) -> torch.Tensor:
     """float64 [lm CE sum, target tokens, MTP loss x depth-1 targets, depth-1 targets] of this rank."""
     from model.batch import IGNORE, make_batch, mtp_labels
@@ -81,8 +81,7 @@ def split_sums(model, reader, n_total: int, cfg, device, autocast_dtype=None, fp
     for start in range(0, len(rows), mb):
         tokens, doc_lens = load_rows(reader, rows[start:start + mb], cfg.data.seq_len, pad_id)
         batch = make_batch(tokens, doc_lens, device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
-                (fp8_context() if fp8_context else contextlib.nullcontext()):
+        with make_context():
             out = model(batch)
         n = (batch.labels != IGNORE).sum().double()
         n1 = (mtp_labels(batch, 1) != IGNORE).sum().double() if cfg.mtp.depth else n.new_zeros(())
@@ -109,11 +108,11 @@ def validate(run) -> dict:
     cfg, t0 = run.cfg, time.perf_counter()
     reader, pad_id = open_split(valid_dirs(cfg)[0])
     n_total = min(len(reader), cfg.eval.batches * cfg.train.micro_batch_size)
-    topo = run.topology
-    rank, world = (topo.dp_rank, topo.dp) if topo is not None else (0, 1)
-    sums = split_sums(run.model, reader, n_total, cfg, run.device, run.autocast_dtype, run.fp8_context,
-                      rank, world, pad_id)
-    if topo is not None and topo.world_size > 1:
+    engine = run.engine
+    topo = engine.topology
+    sums = split_sums(engine.model, reader, n_total, cfg, engine.device, engine.make_context, topo.dp_rank, topo.dp,
+                      pad_id)
+    if topo.size("dp") > 1:
         torch.distributed.all_reduce(sums, group=topo.group("dp"))
     out = finish(sums, cfg.mtp.depth > 0)
     out["val_seconds"] = time.perf_counter() - t0
@@ -126,7 +125,7 @@ def maybe_validate(run) -> dict:
     due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps)
     if not due:
         return {}
-    if cfg.data.valid_fraction == 0 or run.pipeline is not None:
+    if cfg.data.valid_fraction == 0 or not run.engine.validates:
         why = ("data.valid_fraction = 0 (no held-out split); set it > 0 to validate" if cfg.data.valid_fraction == 0
                else "validation under pipeline parallelism (parallel.pp > 1) is not implemented yet")
         log.warning("step %d: no validation: %s", run.step, why)
@@ -136,16 +135,16 @@ def maybe_validate(run) -> dict:
                     "raise it", run.step, cfg.data.valid_fraction)
         return {}
     out = validate(run)
-    if run.dispatcher is not None:  # the validation all-to-alls are not the training step's traffic
-        run.dispatcher.stats.reset()
+    run.engine.reset_comm_stats()  # the validation all-to-alls are not the training step's traffic
     return out
 
 
 def evaluate(path: str, config: str | None = None, overrides: list[str] | None = None,
              batches: int | None = None) -> list[tuple[str, dict]]:
     """(dataset dir, metrics) per prepared dataset of the checkpoint's run, then ("all", total)."""
-    from trainer.loop import pick_device
+    from parallel.engine.base import forward_context
     from trainer.restore import load_model
+    from trainer.train import pick_device
     cfg, model = load_model(path, config, overrides)
     dirs = valid_dirs(cfg)
     device, autocast_dtype = pick_device(cfg)
@@ -154,7 +153,7 @@ def evaluate(path: str, config: str | None = None, overrides: list[str] | None =
     for d in dirs:
         reader, pad_id = open_split(d)
         n = len(reader) if batches is None else min(len(reader), batches * cfg.train.micro_batch_size)
-        sums = split_sums(model, reader, n, cfg, device, autocast_dtype, pad_id=pad_id)
+        sums = split_sums(model, reader, n, cfg, device, forward_context(device, autocast_dtype, None), pad_id=pad_id)
         rows.append((d, finish(sums, cfg.mtp.depth > 0)))
         total = sums if total is None else total + sums
     if len(dirs) > 1:

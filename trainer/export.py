@@ -1,10 +1,10 @@
 """Export a checkpoint as a Hugging Face DeepSeek-V3 checkpoint: `python -m trainer.export CKPT OUT`.
 
-Input: a single-process checkpoint directory (`step_XXXXXXXX/` with state.pt, config.yaml and
-manifest.json, see `trainer.checkpoint`; the manifest is verified and state.pt is loaded with
-weights_only) or a torch.distributed.checkpoint (DCP) directory of any (dp, ep) layout written
-by `parallel.checkpoint` (its tensors carry global names and shapes, so the layout does not
-matter; its config comes from a config.yaml beside or above it, or `--config`).
+Input: a checkpoint directory of any layout (`step_XXXXXXXX/` with state.pt, config.yaml,
+manifest.json and the tensors in dcp/, see `parallel.checkpoint`; the manifest is verified first)
+or a bare torch.distributed.checkpoint (DCP) directory (its tensors carry global names and
+shapes, so the layout does not matter; its config comes from a config.yaml beside or above it,
+or `--config`).
 
 Output, as DeepSeek's release (DeepSeek-V3 report section 2; names in `trainer.hf_names`):
   config.json                    model_type deepseek_v3 and the architecture fields
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.hf_names import hf_config, to_hf
 from trainer.cli import user_errors

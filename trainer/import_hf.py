@@ -4,8 +4,8 @@
 Reads config.json (architecture -> `model`/`attention`/`moe`/`mtp` overrides, see
 `trainer.hf_names.CONFIG`) and the safetensors shards, maps the names back (stacking per-expert
 weights, un-swapping `eh_proj`), checks every tensor's shape against a model built from the
-resulting config, and writes a weights-only checkpoint directory (state.pt with `step` 0 and
-`model`, config.yaml, manifest.json; atomic as every checkpoint). Train from it with
+resulting config, and writes a weights-only checkpoint directory (the model's tensors in dcp/,
+state.pt with `step` 0, config.yaml, manifest.json; atomic as every checkpoint). Train from it with
 `checkpoint.resume=<dir>`: the optimizer and data stream start fresh. Run-level settings
 (data, optim, train ...) come from `--config` and `--set`. Intended for continued pretraining
 from released weights of the same architecture at small scale: the whole model is held in memory.
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer.config import ConfigError, dump_yaml, load_config
 from trainer.hf_names import HFNameError, from_hf, overrides_from_hf
 from trainer.cli import user_errors
@@ -90,18 +90,19 @@ def import_state(hf_dir: str, config: str | None = None, overrides: list[str] | 
 def import_hf(hf_dir: str, out: str, config: str | None = None, overrides: list[str] | None = None) -> str:
     """Write the weights-only checkpoint directory `out`; returns it."""
     cfg, state = import_state(hf_dir, config, overrides)
+    tensors = {f"model.{k}": v for k, v in state.items()}
     root, name = os.path.split(os.path.abspath(out))
     if not ckpt.STEP_DIR.match(name):
         # write_checkpoint names directories step_XXXXXXXX; write one, then move it to `out`
         tmp_root = os.path.join(root, f".{name}.import-{os.getpid()}")
-        path = ckpt.write_checkpoint(tmp_root, 0, {"step": 0, "model": state}, dump_yaml(cfg), keep_last=1)
+        path = ckpt.write_checkpoint(tmp_root, 0, {"step": 0}, dump_yaml(cfg), keep_last=1, tensors=tensors)
         if os.path.exists(out):
             raise ckpt.CheckpointError(f"{out}: exists; remove it or choose another output")
         os.rename(path, out)
         shutil.rmtree(tmp_root, ignore_errors=True)
         return out
-    return ckpt.write_checkpoint(root, int(name[5:]), {"step": int(name[5:]), "model": state},
-                                 dump_yaml(cfg), keep_last=1 << 30)
+    return ckpt.write_checkpoint(root, int(name[5:]), {"step": int(name[5:])}, dump_yaml(cfg), keep_last=1 << 30,
+                                 tensors=tensors)
 
 
 @user_errors

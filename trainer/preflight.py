@@ -102,7 +102,7 @@ def schedule_change(checkpoint: str, cfg: Config) -> str | None:
     old_steps = (saved.get("train") or {}).get("steps")
     if not isinstance(old_steps, int) or old_steps == cfg.train.steps or cfg.schedule.decay_steps:
         return None
-    from trainer.checkpoint import step_of
+    from parallel.checkpoint import step_of
     step = step_of(checkpoint) or 0
     before = lr_at(step, cfg.optim, cfg.schedule, old_steps)
     after = lr_at(step, cfg.optim, cfg.schedule, cfg.train.steps)

@@ -9,13 +9,17 @@ A run stopped by SIGTERM/SIGUSR1 or a first Ctrl-C (SIGINT) checkpoints and exit
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import signal
 import sys
 
+import torch
+import torch.distributed as dist
+
 from trainer.cli import user_errors
-from trainer.config import dump_yaml, load_config
+from trainer.config import Config, ConfigError, dump_yaml, load_config
 
 log = logging.getLogger("moepipe")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; the launcher should requeue
@@ -36,26 +40,88 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         return run(cfg)
     finally:
-        import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run(cfg) -> int:
     from trainer import preflight
-    from trainer.distributed import init_distributed
     from trainer.run_dir import check_output_dir
 
     check_output_dir(cfg.train.output_dir)
     preflight.check_device(cfg)
-    topology, device = init_distributed(cfg)
+    device, autocast_dtype = pick_device(cfg)
+    topology = init_distributed(cfg, device)
     preflight.check_memory(cfg, topology.world_size)
     lock, previous = own_output_dir(cfg, topology, device)
     try:
-        return _run(cfg, topology, device, previous)
+        return _run(cfg, topology, device, autocast_dtype, previous)
     finally:
         if lock is not None:
             lock.release()
+
+
+def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    """(device of this process, autocast dtype or None for fp32) from train.device / train.dtype."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda': no CUDA device is visible; use train.device=cpu or auto")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if use_cuda else "fp32"
+    return device, (torch.bfloat16 if dtype == "bf16" else None)
+
+
+def init_distributed(cfg: Config, device: torch.device):
+    """The process group (from the launcher's environment, when WORLD_SIZE > 1) and the topology
+    that owns every group; a single process gets a topology with a world of one."""
+    from parallel.topology import Topology
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device.type == "cuda"
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("parallel.backend = 'nccl': needs CUDA devices; use parallel.backend=gloo on CPU")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    try:
+        return Topology.from_config(cfg.parallel, num_experts=cfg.moe.num_experts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def fp8_provider(cfg: Config):
+    """(LayerProvider, autocast factory) for fp8.*; (None, None) when FP8 is off. A requested
+    backend that cannot run raises (never a silent fall back to BF16)."""
+    if not cfg.fp8.enabled:
+        return None, None
+    from parallel.fp8 import FP8BackendError, autocast_context, make_provider, select_backend
+    try:
+        selection = select_backend(cfg.fp8)
+    except FP8BackendError as e:
+        raise ConfigError(str(e)) from None
+    log.info("fp8: backend %s, recipe %s (%s)", selection.backend, cfg.fp8.recipe, selection.why)
+    provider = make_provider(cfg.fp8, cfg.model.num_layers, backend=selection.backend)
+    return provider, lambda: autocast_context(cfg.fp8, backend=selection.backend)
+
+
+def build_run(cfg: Config, stream, topology, device: torch.device, autocast_dtype: torch.dtype | None):
+    """The run: this layout's engine (model, optimizer, groups) over `stream`."""
+    from parallel.engine import build_engine
+    from trainer.loop import Run
+    if stream.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer in {cfg.data.output_dir} "
+                          f"has {stream.vocab_size} tokens; set model.vocab_size >= {stream.vocab_size}")
+    torch.manual_seed(cfg.train.seed)
+    provider, fp8_context = fp8_provider(cfg)
+    try:
+        engine = build_engine(cfg, topology, device, autocast_dtype, provider, fp8_context)
+    except ValueError as e:  # a layout that cannot run this config, named by its fields
+        raise ConfigError(str(e)) from None
+    return Run(cfg, engine, stream)
 
 
 def own_output_dir(cfg, topology, device):
@@ -69,22 +135,20 @@ def own_output_dir(cfg, topology, device):
         except RunDirError as e:
             lock, error = None, e
     if topology.world_size > 1:
-        import torch
         flag = torch.tensor([1.0 if error else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and error is None:
-            from trainer.config import ConfigError
             raise ConfigError(f"train.output_dir = {cfg.train.output_dir!r}: rank 0 could not take it; see rank 0")
     if error is not None:
         raise error
     return lock, previous
 
 
-def _run(cfg, topology, device, previous_holder) -> int:
+def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     from data.stream import stream_from_config
-    from trainer import checkpoint as ckpt
+    from parallel import checkpoint as ckpt
     from trainer import preflight
-    from trainer.loop import build_run, install_stop_handlers, load_state, resume_path, train
+    from trainer.loop import install_stop_handlers, load_state, train
     from trainer.metrics import MetricsWriter, setup_logging
 
     setup_logging(cfg.train.output_dir, topology.rank)
@@ -98,8 +162,8 @@ def _run(cfg, topology, device, previous_holder) -> int:
         for name in ckpt.remove_partial(root):  # safe: the lock proves their writers are gone
             log.warning("removed %s, left by an interrupted save or prune", os.path.join(root, name))
     stream = stream_from_config(cfg.data, cfg.dedup, rank=topology.dp_rank, world_size=topology.dp)
-    run_ = build_run(cfg, stream, topology, device)
-    path = resume_path(cfg)
+    run_ = build_run(cfg, stream, topology, device, autocast_dtype)
+    path = ckpt.resume_path(cfg.checkpoint.resume, cfg.train.output_dir)
     if path:
         preflight.check_model_matches(path, cfg)
         load_state(run_, path)
@@ -140,7 +204,7 @@ def _run(cfg, topology, device, previous_holder) -> int:
 
 def finish(cfg, run_, metrics) -> None:
     """Plots of the run into output_dir/plots/ and the closing summary (rank 0)."""
-    from trainer import checkpoint as ckpt
+    from parallel import checkpoint as ckpt
     from trainer.plot import plot_run
     metrics.flush()
     try:

@@ -1,12 +1,16 @@
-"""DCP checkpoints reshard across (dp, ep) layouts: saved at ep=2 (dp=4) after one ZeRO-1 step,
-loaded at ep=1 (every rank sees the full tensors) and at ep=4 over 2 emulated nodes; model and
-optimizer state (master, moments, step) are identical to what was saved, slice for slice."""
-import pytest
+"""Checkpoints reshard across (dp, ep) layouts: saved by the ZeRO engine at ep=2 (dp=4) after one
+ZeRO-1 step, loaded at ep=1 (every rank sees the full tensors) and at ep=4 over 2 emulated nodes;
+model and optimizer state (master, moments, step) are identical to what was saved, slice for
+slice. The small state.pt comes back as saved."""
+import contextlib
+import os
+
 import torch
 
-from parallel.checkpoint import load_checkpoint, save_checkpoint
+from parallel import checkpoint as ckpt
 from parallel.config import ParallelConfig
 from parallel.data_parallel import ZeroAdamW
+from parallel.engine.zero import ZeroEngine
 from parallel.expert import expert_shards, parallelize_experts
 from parallel.topology import Topology
 from tests.distributed.spawn import run_ranks
@@ -26,9 +30,9 @@ def _setup(ep, rpn, seed):
     cfg = _cfg(seed)
     topo = Topology.from_config(ParallelConfig(ep=ep, ranks_per_node=rpn))
     model = build_model(cfg)
-    parallelize_experts(model, topo)
+    dispatcher = parallelize_experts(model, topo)
     opt = ZeroAdamW(model, topo, lr=1e-3, weight_decay=0.1, bucket_mb=0.1)
-    return model, opt, topo
+    return model, opt, ZeroEngine(model, opt, topo, torch.device("cpu"), contextlib.nullcontext, dispatcher)
 
 
 def _snapshot(model, opt):
@@ -44,16 +48,17 @@ def _snapshot(model, opt):
     return state, offsets, opt.step_count
 
 
-def _case(rank, world, path):
-    model, opt, topo = _setup(2, 4, seed=0)
+def _case(rank, world, root):
+    model, opt, engine = _setup(2, 4, seed=0)
     tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(rank))
     model(make_batch(tokens, None)).loss.backward()
     opt.step()
     saved, saved_off, _ = _snapshot(model, opt)
-    save_checkpoint(path, model, opt, topo)
+    path = ckpt.save(root, 1, engine.state_dict(), {"step": 1}, "x: 1\n", 2, engine.topology)
+    assert os.path.isfile(os.path.join(path, "dcp", ".metadata"))
     # ep = 1: full tensors everywhere
-    model1, opt1, topo1 = _setup(1, 4, seed=1)
-    load_checkpoint(path, model1, opt1, topo1)
+    model1, opt1, engine1 = _setup(1, 4, seed=1)
+    assert ckpt.load(path, engine1) == {"step": 1}
     full, _, step1 = _snapshot(model1, opt1)
     assert step1 == 1
     for key, v in saved.items():
@@ -62,8 +67,8 @@ def _case(rank, world, path):
             want = want[saved_off[key]:saved_off[key] + v.shape[0]]
         torch.testing.assert_close(v, want, atol=0, rtol=0, msg=key)
     # ep = 4 over two emulated nodes
-    model4, opt4, topo4 = _setup(4, 2, seed=2)
-    load_checkpoint(path, model4, opt4, topo4)
+    model4, opt4, engine4 = _setup(4, 2, seed=2)
+    ckpt.load(path, engine4)
     got, got_off, _ = _snapshot(model4, opt4)
     for key, v in got.items():
         want = full[key]

@@ -2,7 +2,7 @@
 
 Two ranks, dp = 2, the tiny model with a small vocabulary, two random batches per rank cycled.
 Both runs start from the same seeded weights on each rank. Plain data parallel:
-`parallel.data_parallel.average_gradients` (all-reduce, mean over dp), global-norm clipping and the
+`_average_gradients` below (all-reduce, mean over dp), global-norm clipping and the
 project's AdamW on full replicas. ZeRO-1: `ZeroAdamW` (reduce-scatter, sharded fp32 master and moments,
 all-gather). Same arithmetic up to reduction order, so the per-step losses agree to rtol 1e-5 over all
 20 steps (they drift apart if the shards, clipping or bias correction were wrong).
@@ -29,9 +29,18 @@ def _batch(rank, step, cfg, L=32):
     return make_batch(torch.randint(0, cfg.model.vocab_size, (2, L), generator=g), [[L], [L // 2, L // 2]])
 
 
+def _average_gradients(model, topology) -> None:
+    """Plain (non-ZeRO) data parallel: gradients all-reduced over dp and averaged (no experts
+    are sharded here, so every parameter is replicated over dp)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad, group=topology.group("dp"))
+            p.grad.div_(topology.dp)
+
+
 def _train(rank, world, zero: bool) -> list[float]:
     from parallel.config import ParallelConfig
-    from parallel.data_parallel import ZeroAdamW, average_gradients
+    from parallel.data_parallel import ZeroAdamW
     from parallel.expert import global_expert_counts
     from parallel.topology import Topology
     from model.transformer import build_model
@@ -52,7 +61,7 @@ def _train(rank, world, zero: bool) -> list[float]:
         if zero:
             opt.step(LR)
         else:
-            average_gradients(model, topo)
+            _average_gradients(model, topo)
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             opt.step()
         model.zero_grad(set_to_none=True)

@@ -1,10 +1,11 @@
-"""kill -9 at a random step, resume, and the following losses equal an uninterrupted run's.
+"""kill -9 after a seeded random step, resume, and the following losses equal an uninterrupted run's.
 
 Three real `python -m trainer.train configs/tiny.yaml --set ...` processes on a very small
 override (8 steps, seq_len 64, checkpoint every 2 steps, a 512-token BPE on 0.05 MB per dump):
   1. the reference, uninterrupted;
-  2. the same run killed with SIGKILL once metrics.jsonl reaches a seeded random step (the kill
-     can land mid-step or mid-save); a fake half-written `step_*.tmp-*` directory is added;
+  2. the same run killed with SIGKILL right after a seeded random step N (and N's checkpoint when
+     one is due) by the loop's own hook (MOEPIPE_KILL_AFTER_STEP=N), so the kill lands at the
+     same place on every machine; a fake half-written `step_*.tmp-*` directory is added;
   3. the same command again: it resumes from the newest complete checkpoint (checkpoint.resume
      = auto) and must log, step for step, bit-identical losses and gradient norms to (1).
 Then a corrupted checkpoint must stop the run with exit code 2 and a message naming the file.
@@ -18,7 +19,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -36,8 +36,9 @@ def _cmd(out_dir, data_dir, extra=()):
             *SMALL, f"train.output_dir={out_dir}", f"data.output_dir={data_dir}", *extra]
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "MOEPIPE_KILL_AFTER_STEP"}
+    return dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT, **extra)
 
 
 def _rows(out_dir):
@@ -53,17 +54,11 @@ def _run(cmd, timeout=120):
     return p.returncode, p.stderr
 
 
-def _kill_at(cmd, out_dir, step, timeout=120):
-    """Start the run, SIGKILL it once metrics.jsonl has `step` rows; returns the rows seen by then."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while len(_rows(out_dir)) < step and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    return len(_rows(out_dir))
+def _kill_after(cmd, step, timeout=120):
+    """Run until the loop's hook SIGKILLs the process right after `step`; returns the exit code."""
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(MOEPIPE_KILL_AFTER_STEP=str(step)), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout)
+    return p.returncode
 
 
 @pytest.mark.timeout(300)
@@ -76,15 +71,17 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
     assert sorted(ref) == list(range(1, STEPS + 1))
 
     kill_step = random.Random(int(os.environ.get("CRASH_SEED", "8"))).randint(3, STEPS - 2)
-    seen = _kill_at(_cmd(crash_dir, data), crash_dir, kill_step)
-    assert kill_step <= seen < STEPS, f"kill at {kill_step} landed after step {seen}"
+    assert _kill_after(_cmd(crash_dir, data), kill_step) == -signal.SIGKILL
+    seen = len(_rows(crash_dir))
+    assert seen == kill_step
     ckpts = os.path.join(crash_dir, "checkpoints")
     os.makedirs(os.path.join(ckpts, "step_00000099.tmp-1"), exist_ok=True)  # a half-written save
     with open(os.path.join(ckpts, "step_00000099.tmp-1", "state.pt"), "wb") as f:
         f.write(b"partial")
-    from trainer.checkpoint import list_checkpoints
+    from parallel.checkpoint import list_checkpoints
     complete = [os.path.basename(p) for p in list_checkpoints(ckpts)]  # a kill mid-prune leaves *.pruned
     resume_from = int(complete[-1][5:]) if complete else 0
+    assert resume_from == kill_step - kill_step % 2  # checkpoint.every=2: the last one before the kill
 
     rc, err = _run(_cmd(crash_dir, data))
     assert rc == 0, err[-2000:]

@@ -1,6 +1,6 @@
 """End to end on the real bundled corpus: the tiny model learns, and resume equals an
 uninterrupted run (bit-exact in one process; exact at the same layout and close across layouts
-under torchrun with gloo)."""
+under torchrun with gloo, one process included both ways)."""
 import json
 import os
 import shutil
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trainer.train import main
 
@@ -58,6 +59,22 @@ def test_resume_is_bit_exact_in_one_process(data_root, tmp_path):
             assert a[step][key] == b[step][key], (step, key)
 
 
+def one_process(args):
+    """trainer.train in this process with one thread, as the torchrun ranks (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([TINY, "--set", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def copy_checkpoint(src_run, step, dst_run):
+    name = os.path.join("checkpoints", f"step_{step:08d}")
+    os.makedirs(os.path.join(dst_run, "checkpoints"))
+    shutil.copytree(os.path.join(src_run, name), os.path.join(dst_run, name))
+
+
 def torchrun(nproc, args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -68,34 +85,43 @@ def torchrun(nproc, args, env_extra=None):
 
 
 def test_multi_rank_resume_same_layout_exact_and_other_layout_close(data_root, tmp_path):
-    full, same, other = (str(tmp_path / n) for n in ("full", "same", "other"))
-    args = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5", "train.micro_batch_size=2"]
+    """A dp 2 x ep 2 checkpoint resumes exactly at its layout and to 1e-5 at ep 1 and in one
+    process (4 sequences per step there, as the 2 ranks x 2 together; at seq_len 64, where the
+    mean over a step's tokens equals the mean of the ranks' means: no padding)."""
+    full, same, other, one = (str(tmp_path / n) for n in ("full", "same", "other", "one"))
+    args = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5", "train.micro_batch_size=2",
+            "data.seq_len=64", "model.max_seq_len=64"]
     torchrun(2, overrides(data_root, full, *args, "parallel.ep=2"))
-    for out in (same, other):
-        os.makedirs(os.path.join(out, "checkpoints"))
-        shutil.copytree(os.path.join(full, "checkpoints", "step_00000002"),
-                        os.path.join(out, "checkpoints", "step_00000002"))
+    for out in (same, other, one):
+        copy_checkpoint(full, 2, out)
     torchrun(2, overrides(data_root, same, *args, "parallel.ep=2"))
     torchrun(2, overrides(data_root, other, *args, "parallel.ep=1"))   # resharded: experts replicated
-    a, b, c = losses(full), losses(same), losses(other)
-    assert sorted(b) == sorted(c) == [3, 4]
+    one_process(overrides(data_root, one, *args, "train.micro_batch_size=4"))
+    a, b, c, d = losses(full), losses(same), losses(other), losses(one)
+    assert sorted(b) == sorted(c) == sorted(d) == [3, 4]
     for step in (3, 4):
         assert a[step]["loss"] == b[step]["loss"] and a[step]["grad_norm"] == b[step]["grad_norm"]
-        assert c[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
-        assert c[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4)
+        for resumed in (c, d):
+            assert resumed[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+            assert resumed[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4)
 
 
 def test_data_and_expert_parallel_run_equals_one_process(data_root, tmp_path):
     """2 ranks x 2 sequences with ep=2 (two emulated nodes) see the same global batch as one process
-    with 4 sequences: losses, grad norms (both summed in float64) and MaxVio agree to 1e-5."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = ["train.steps=3", "checkpoint.every=0", "data.seq_len=64", "model.max_seq_len=64"]
-    assert main([TINY, "--set", *overrides(data_root, one, *args)]) == 0
-    torchrun(2, overrides(data_root, two, *args, "train.micro_batch_size=2", "parallel.ep=2",
-                          "parallel.ranks_per_node=1"))
-    a, b = losses(one), losses(two)
-    for step in (1, 2, 3):
-        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
-        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-5)
-        assert b[step]["maxvio"] == pytest.approx(a[step]["maxvio"], rel=1e-5)
+    with 4 sequences: losses, grad norms (both summed in float64) and MaxVio agree to 1e-5, from
+    scratch and resumed from the one process's checkpoint of step 1."""
+    one, two, resumed = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "resumed")
+    args = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=5", "data.seq_len=64",
+            "model.max_seq_len=64"]
+    one_process(overrides(data_root, one, *args))
+    two_ranks = ("train.micro_batch_size=2", "parallel.ep=2", "parallel.ranks_per_node=1")
+    torchrun(2, overrides(data_root, two, *args, *two_ranks))
+    copy_checkpoint(one, 1, resumed)
+    torchrun(2, overrides(data_root, resumed, *args, *two_ranks))
+    a, b, c = losses(one), losses(two), losses(resumed)
+    assert sorted(c) == [2, 3]
+    for got, steps in ((b, (1, 2, 3)), (c, (2, 3))):
+        for step in steps:
+            for key in ("loss", "grad_norm", "maxvio"):
+                assert got[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     assert b[1]["a2a_cross_node_MB"] > 0

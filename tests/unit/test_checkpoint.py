@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 
 
 def test_write_read_round_trip_and_retention(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from model.batch import make_batch
 from trainer.config import dump_yaml, load_config
 from trainer.export import export, read_model_state
@@ -46,7 +46,8 @@ def run(tmp_path_factory):
     with torch.no_grad():
         for mod in model.moe_modules():
             mod.router.bias.normal_(0, 0.05)
-    path = ckpt.write_checkpoint(str(base / "ckpt"), 7, {"step": 7, "model": model.state_dict()}, dump_yaml(cfg), 2)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    path = ckpt.write_checkpoint(str(base / "ckpt"), 7, {"step": 7}, dump_yaml(cfg), 2, tensors=tensors)
     hf_dir = str(base / "hf")
     assert export_main([path, hf_dir, "--dtype", "fp32"]) == 0
     return cfg, model, path, hf_dir, base
@@ -148,16 +149,16 @@ def test_import_round_trip_is_exact(run, tmp_path):
     cfg, model, _, hf_dir, _ = run
     out = str(tmp_path / "imported")
     assert import_main([hf_dir, out, "--set", f"data.output_dir={tmp_path}", "data.seq_len=32"]) == 0
-    state = ckpt.read_checkpoint(out)
-    assert state["step"] == 0
+    assert ckpt.read_checkpoint(out)["step"] == 0
+    state = read_model_state(out)
     ref = model.state_dict()
-    assert set(state["model"]) == set(ref)
+    assert set(state) == set(ref)
     for k, v in ref.items():
-        assert torch.equal(state["model"][k], v), k
+        assert torch.equal(state[k], v), k
     imported = load_config(os.path.join(out, "config.yaml"))
     assert imported.moe.group_score == "top2_sum"  # from topk_method noaux_tc
     fresh = build_model(imported)
-    fresh.load_state_dict(state["model"])  # strict: the config rebuilt from config.json fits
+    fresh.load_state_dict(state)  # strict: the config rebuilt from config.json fits
 
 
 def test_export_writes_the_topk_method_of_the_group_score():
@@ -297,7 +298,8 @@ def test_yarn_model_matches_transformers_beyond_the_original_context(tmp_path):
     cfg = load_config(None, TINY + ["mtp.depth=0", f"attention.rope_scaling={YARN}",
                                     f"data.output_dir={tmp_path / 'nodata'}"])
     model = build_model(cfg).eval()
-    path = ckpt.write_checkpoint(str(tmp_path / "ckpt"), 1, {"step": 1, "model": model.state_dict()}, dump_yaml(cfg), 2)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    path = ckpt.write_checkpoint(str(tmp_path / "ckpt"), 1, {"step": 1}, dump_yaml(cfg), 2, tensors=tensors)
     hf_dir = str(tmp_path / "hf")
     assert export_main([path, hf_dir, "--dtype", "fp32"]) == 0
     with open(os.path.join(hf_dir, "config.json")) as f:

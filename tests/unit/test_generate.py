@@ -41,11 +41,12 @@ def test_bad_prompts_end_with_one_line(tiny_checkpoint, capsys, prompt, needle):
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny_checkpoint, tmp_path, capsys):
     from model.transformer import build_model
-    from trainer.checkpoint import write_checkpoint
+    from parallel.checkpoint import write_checkpoint
     from trainer.config import dump_yaml
     _, cfg = tiny_checkpoint
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=1000))
-    path = write_checkpoint(str(tmp_path), 1, {"model": build_model(cfg).state_dict()}, dump_yaml(cfg), 1)
+    tensors = {f"model.{k}": v for k, v in build_model(cfg).state_dict().items()}
+    path = write_checkpoint(str(tmp_path), 1, {"step": 1}, dump_yaml(cfg), 1, tensors=tensors)
     assert main([path, "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "model.vocab_size = 1000" in err and "--tokenizer" in err and LINE.match(err.strip())

@@ -16,6 +16,7 @@ import torch
 from trainer import loop
 from trainer.config import load_config
 from trainer.metrics import MetricsWriter
+from trainer.train import build_run, init_distributed, pick_device
 
 CFG = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.first_k_dense=1",
        "model.dense_ffn_size=32", "model.max_seq_len=16", "attention.num_heads=2", "attention.q_lora_rank=16",
@@ -47,7 +48,8 @@ class FakeStream:
 def _run(tmp_path, on_nan, steps=6):
     cfg = load_config(None, CFG + [f"train.on_nan={on_nan}", f"train.steps={steps}",
                                    f"train.output_dir={tmp_path}", "train.max_nan_skips=1"])
-    return loop.build_run(cfg, FakeStream())
+    device, dtype = pick_device(cfg)
+    return build_run(cfg, FakeStream(), init_distributed(cfg, device), device, dtype)
 
 
 def _at_bad_step(run, fn):

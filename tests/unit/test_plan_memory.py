@@ -60,7 +60,7 @@ def test_sharded_ranks_bytes_are_exact(schedule, layout):
     for rank in range(8):
         topo = Topology(plan_layout(8, pp=2, ep=2, ranks_per_node=4), rank)
         model, _ = build_union_chunks(cfg, sched, topo.pp_rank, [], split_w=False)
-        if model.moe_modules():  # as trainer.pipeline_run
+        if model.moe_modules():  # as parallel.engine.pipeline
             parallelize_experts(model, topo)
         zero = ZeroAdamW(model, topo, weight_decay=cfg.optim.weight_decay)
         stages = [sched.placement.stage_of(topo.pp_rank, c) for c in range(sched.placement.chunks_per_rank)]

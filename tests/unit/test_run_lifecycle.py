@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.unit.test_error_lines import TEXTS, one_error_line, sets
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer import loop
 from trainer import train as train_cli
 from trainer.run_dir import RunDirLock

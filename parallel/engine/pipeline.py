@@ -1,15 +1,13 @@
-"""Pipeline-parallel training steps: the trainer's hook (`Run.pipeline`) onto parallel/pipeline.
+"""Pipeline x ZeRO-1 data x expert parallelism (DeepSeek-V3, arXiv 2412.19437, section 3.2.1).
 
-DeepSeek-V3 (arXiv 2412.19437, section 3.2.1) trains with pipeline x (ZeRO-1) data x expert
-parallelism. With `parallel.pp > 1` every rank builds ONE model holding the blocks of all its
-pipeline stages (`model_stage.build_union_chunks`): parameter names are the single-process
-ones, so ZeRO-1 (`parallel.data_parallel`), DCP checkpoints and the router-bias update work on
-it unchanged; the runtime's chunks are views of it (DualPipeV's two chunks on rank 0 share
-one `embed.weight`). Per step:
+Every rank builds ONE model holding the blocks of all its pipeline stages
+(`parallel.pipeline.model_stage.build_union_chunks`): parameter names are the single-process
+ones, so ZeRO-1, checkpoints and the router-bias update work on it unchanged; the runtime's
+chunks are views of it (DualPipeV's two chunks on rank 0 share one `embed.weight`). Per step:
 
-1. every pp rank of a dp replica takes the same `train.grad_accum` micro-batches from its
-   stream (same dp rank); the schedule (`parallel.schedule`) runs them through the chunks,
-   each forward piece under the autocast / FP8 context;
+1. every pp rank of a dp replica gets the same N micro-batches (its stream reads the same dp
+   rank); the schedule runs them through the chunks, each forward piece under the autocast /
+   FP8 context;
 2. parameters held on several pp ranks (the embedding the head stage keeps for MTP, every
    parameter of DualPipe's two model copies) get their gradients summed over the pp group;
 3. losses (lm / MTP from the head stage, balance losses from every stage) and expert loads
@@ -17,27 +15,32 @@ one `embed.weight`). Per step:
 
 ZeRO-1's grad norm sums squares over dp and pp; a parameter held by k pp ranks would count k
 times, so `PipelineZeroAdamW` leaves such copies out of the norm on all but the lowest holder.
+Everything after the step's forward and backward is the ZeRO engine's (`parallel.engine.zero`).
 
 Legend: N micro-batches per step (= train.grad_accum), E routed experts.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from model.batch import Batch
+from model.provider import LayerProvider
 from parallel.data_parallel import ZeroAdamW
+from parallel.engine.base import ForwardContext, StepMetrics
+from parallel.engine.zero import ZeroEngine
+from parallel.expert import AllToAllDispatcher, parallelize_experts
 from parallel.pipeline.layout import describe_layout
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_layout, ranks_of_stages
+from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
-from parallel.pipeline.schedules import build_schedule
+from parallel.pipeline.schedules import Schedule, build_schedule
 from parallel.steps import in_context
-from model.batch import make_batch
-from trainer.config import ConfigError
+from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
 
@@ -54,7 +57,7 @@ class TrainChunk:
     """A runtime chunk around a model chunk: forward under the autocast/FP8 context; a chunk
     without the head returns `StageInfo` (counts and balance loss) as its info."""
 
-    def __init__(self, inner, make_context):
+    def __init__(self, inner, make_context: ForwardContext):
         self.inner, self.make_context, self.deferral = inner, make_context, inner.deferral
 
     def steps(self, micro: int, x):
@@ -101,7 +104,7 @@ class PipelineZeroAdamW(ZeroAdamW):
                 b.grad = g
 
 
-def held_lower(model, topology) -> set[str]:
+def held_lower(model: nn.Module, topology: Topology) -> set[str]:
     """Names of `model`'s parameters that a lower pp rank of my pipeline holds as well."""
     names = sorted(n for n, _ in model.named_parameters())
     gathered = [None] * topology.pp
@@ -110,29 +113,31 @@ def held_lower(model, topology) -> set[str]:
     return {n for n in names if n in lower}
 
 
-class PipelineEngine:
-    """One rank's pipeline: runtime, chunks and the step's metrics (see the module doc)."""
+class PipelineEngine(ZeroEngine):
+    """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks."""
 
-    def __init__(self, cfg, topology, device, model, chunks, batches: list, schedule, pair):
-        self.cfg, self.topology, self.device, self.model, self.batches = cfg, topology, device, model, batches
-        self.runtime = PipelineRuntime(schedule, topology.pp_rank, chunks, group_ranks=topology.ranks("pp"),
-                                       group=topology.group("pp"), device=device, pair=pair)
+    validates = False  # a forward-only pass through the stages is not implemented yet
 
-    def forward_backward(self, run) -> dict:
-        cfg, topo = run.cfg, self.topology
-        self.batches[:] = [make_batch(*run.stream.take(cfg.train.micro_batch_size), self.device)
-                           for _ in range(cfg.train.grad_accum)]
+    def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
+                 make_context: ForwardContext, dispatcher: AllToAllDispatcher | None, runtime: PipelineRuntime,
+                 batches: list[Batch], num_experts: int):
+        super().__init__(model, zero, topology, device, make_context, dispatcher)
+        self.runtime, self.batches, self.num_experts = runtime, batches, num_experts
+
+    def forward_backward(self, batches: list[Batch]) -> StepMetrics:
+        topo = self.topology
+        self.batches[:] = batches  # the chunks' inputs
         self.runtime.run()
         reduce_shared_grads([self.model], topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))
-        out = self._metrics()
+        out = self._pp_metrics()
         self.runtime.infos.clear()
         self.batches.clear()
         return out
 
-    def _metrics(self) -> dict:
+    def _pp_metrics(self) -> StepMetrics:
         """Losses (means over micro-batches) and expert loads (sums), equal on every pp rank."""
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, lm, mtp, balance
-        counts = torch.zeros(self.model.n_moe_layers, self.cfg.moe.num_experts, device=self.device)
+        counts = torch.zeros(self.model.n_moe_layers, self.num_experts, device=self.device)
         for info in self.runtime.infos.values():
             if isinstance(info, StageInfo):
                 b = info.balance_loss.double()
@@ -145,41 +150,26 @@ class PipelineEngine:
         if counts.numel():
             dist.all_reduce(counts, group=group)
         loss, lm, mtp, balance = (sums / self.runtime.schedule.num_micro).tolist()
-        return {"loss": loss, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "expert_counts": counts}
+        return StepMetrics(loss=loss, lm_loss=lm, mtp_loss=mtp, balance_loss=balance, expert_counts=counts)
 
 
-def forward_context(device, autocast_dtype, fp8_context):
-    """() -> context manager for forward pieces: autocast to `autocast_dtype` and FP8 if on."""
-    if autocast_dtype is None and fp8_context is None:
-        return contextlib.nullcontext
-
-    def make():
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None))
-        if fp8_context is not None:
-            stack.enter_context(fp8_context())
-        return stack
-    return make
-
-
-def pipeline_schedule(cfg, topology):
+def pipeline_schedule(cfg, topology: Topology) -> Schedule:
+    """The configured schedule; ValueError naming the fields when it cannot run here."""
     name, n = cfg.parallel.schedule, cfg.train.grad_accum
     try:
         schedule = build_schedule(name, topology.pp, n)
     except ValueError as e:
-        raise ConfigError(f"parallel.schedule = {name!r} with parallel.pp = {topology.pp} and "
-                          f"train.grad_accum = {n} (micro-batches per step): {e}") from None
+        raise ValueError(f"parallel.schedule = {name!r} with parallel.pp = {topology.pp} and "
+                         f"train.grad_accum = {n} (micro-batches per step): {e}") from None
     if cfg.model.num_layers < schedule.placement.num_stages:
-        raise ConfigError(f"model.num_layers = {cfg.model.num_layers}: {name} at parallel.pp = {topology.pp} "
-                          f"has {schedule.placement.num_stages} stages and needs at least one block each")
+        raise ValueError(f"model.num_layers = {cfg.model.num_layers}: {name} at parallel.pp = {topology.pp} "
+                         f"has {schedule.placement.num_stages} stages and needs at least one block each")
     return schedule
 
 
-def build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, fp8_context):
-    """The `Run` of a pp > 1 rank: union model, chunks, ZeRO-1 and the engine as `run.pipeline`."""
-    from parallel.expert import AllToAllDispatcher, parallelize_experts
-    from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
-    from trainer.loop import Run
+def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provider: LayerProvider | None,
+                          make_context: ForwardContext) -> PipelineEngine:
+    """Union model, chunks, ZeRO-1 and the runtime of a pp > 1 rank."""
     schedule = pipeline_schedule(cfg, topology)
     layout = model_layout(cfg, schedule.placement.num_stages)
     log.info("pipeline stages (%s, %s):\n%s", schedule.name, "parallel.layout" if cfg.parallel.layout else "even split",
@@ -187,7 +177,7 @@ def build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, 
     has_w = any(a.op == "W" for acts in schedule.compute for a in acts)
     # F&B pairs overlap their all-to-alls only when there are some (ep > 1)
     overlap = topology.ep > 1 and any(a.op == "FB" for acts in schedule.compute for a in acts)
-    batches: list = []
+    batches: list[Batch] = []
     model, chunks = build_union_chunks(cfg, schedule, topology.pp_rank, batches, split_w=has_w, provider=provider,
                                        chunk_cls=OverlapModelChunk if overlap else ModelChunk)
     model.to(device)
@@ -196,13 +186,9 @@ def build_pipeline_run(cfg, stream, topology, device, autocast_dtype, provider, 
         node_limited = cfg.parallel.node_limited_dispatch
         dispatcher = (parallelize_experts(model, topology, node_limited=node_limited) if model.moe_modules()
                       else AllToAllDispatcher(cfg.moe.num_experts, topology, node_limited))
-    o = cfg.optim
-    zero = PipelineZeroAdamW(model, topology, skip_in_norm=held_lower(model, topology), lr=o.lr,
-                             betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                             moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32)
-    make_context = forward_context(device, autocast_dtype, fp8_context)
-    train_chunks = [TrainChunk(c, make_context) for c in chunks]
-    engine = PipelineEngine(cfg, topology, device, model, train_chunks, batches, schedule,
-                            OverlapPairExecutor() if overlap else PairExecutor())
-    return Run(cfg, model, None, stream, device, autocast_dtype, fp8_context, topology=topology, zero=zero,
-               pipeline=engine, dispatcher=dispatcher)
+    zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology))
+    runtime = PipelineRuntime(schedule, topology.pp_rank, [TrainChunk(c, make_context) for c in chunks],
+                              group_ranks=topology.ranks("pp"), group=topology.group("pp"), device=device,
+                              pair=OverlapPairExecutor() if overlap else PairExecutor())
+    return PipelineEngine(model, zero, topology, device, make_context, dispatcher, runtime, batches,
+                          cfg.moe.num_experts)

@@ -1,0 +1,48 @@
+"""Training engines: one per layout behind one protocol (`base.Engine`); `build_engine` picks it.
+
+- `local.LocalEngine`: one process, plain autograd and AdamW;
+- `zero.ZeroEngine`: data x expert parallelism with ZeRO-1 (DeepSeek-V3 section 3.1);
+- `pipeline.PipelineEngine`: pipeline schedules (section 3.2.1) on top of the ZeRO engine.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.provider import LayerProvider
+from model.transformer import build_model
+from parallel.adamw import build_optimizer
+from parallel.compile import apply_block_policies
+from parallel.data_parallel import ZeroAdamW
+from parallel.engine.base import Engine, ForwardContext, StepMetrics, forward_context
+from parallel.engine.local import LocalEngine
+from parallel.engine.pipeline import build_pipeline_engine
+from parallel.engine.zero import ZeroEngine
+from parallel.expert import parallelize_experts
+from parallel.topology import Topology
+
+__all__ = ["Engine", "StepMetrics", "build_engine"]
+
+
+def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                 provider: LayerProvider | None = None, fp8_context: ForwardContext | None = None) -> Engine:
+    """The engine of this rank's layout: model (built with `cfg.train.seed`), optimizer, groups.
+    Raises ValueError naming the fields when the layout cannot run this config."""
+    make_context = forward_context(device, autocast_dtype, fp8_context)
+    if topology.pp > 1:
+        if cfg.train.compile or cfg.train.recompute == "selective":
+            raise ValueError(f"train.compile = {cfg.train.compile}, train.recompute = {cfg.train.recompute!r}: "
+                             "pipeline stages (parallel.pp > 1) support recompute none or full (whole pieces, "
+                             "never an all-to-all) and no compile yet; set train.compile=false and "
+                             "train.recompute=full or none")
+        return build_pipeline_engine(cfg, topology, device, provider, make_context)
+    model = build_model(cfg, provider=provider).to(device)
+    if topology.world_size == 1:
+        apply_block_policies(model, cfg.train, device)
+        return LocalEngine(model, build_optimizer(model, cfg.optim), topology, device, make_context,
+                           cfg.optim.grad_clip)
+    dispatcher = None
+    if topology.ep > 1:
+        dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
+    zero = ZeroAdamW.from_config(model, topology, cfg.optim)
+    apply_block_policies(model, cfg.train, device)
+    return ZeroEngine(model, zero, topology, device, make_context, dispatcher)
