@@ -153,7 +153,8 @@ class _nothing:
 
 def measure_rank(rank: int, world: int, cfg, steps: int) -> dict:
     """Build one rank as the trainer does, run 1 + `steps` steps, return its bytes and times."""
-    from trainer.train import build_run, pick_device
+    from trainer.restore import pick_device
+    from trainer.train import build_run
     topo = Topology.from_config(cfg.parallel, world, rank, cfg.moe.num_experts)
     stream = RandomStream(cfg.model.vocab_size, cfg.data.seq_len, seed=1000 + topo.dp_rank)
     run = build_run(cfg, stream, topo, torch.device("cpu"), pick_device(cfg)[1])

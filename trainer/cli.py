@@ -21,7 +21,7 @@ def _user_error_types() -> tuple:
     from data.indexed import IndexedDataError
     from parallel.checkpoint import CheckpointError
     from trainer.config import ConfigError
-    from trainer.loop import NonFiniteError
+    from trainer.errors import NonFiniteError
     from trainer.run_dir import RunDirError
     return (ConfigError, CheckpointError, NonFiniteError, IndexedDataError, RunDirError, ValueError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,

@@ -143,8 +143,7 @@ def evaluate(path: str, config: str | None = None, overrides: list[str] | None =
              batches: int | None = None) -> list[tuple[str, dict]]:
     """(dataset dir, metrics) per prepared dataset of the checkpoint's run, then ("all", total)."""
     from parallel.engine.base import forward_context
-    from trainer.restore import load_model
-    from trainer.train import pick_device
+    from trainer.restore import load_model, pick_device
     cfg, model = load_model(path, config, overrides)
     dirs = valid_dirs(cfg)
     device, autocast_dtype = pick_device(cfg)

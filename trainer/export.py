@@ -27,42 +27,15 @@ import sys
 
 import torch
 
-from parallel import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 from trainer.hf_names import hf_config, to_hf
 from trainer.cli import user_errors
+from trainer.restore import find_config, read_model_state
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 KEEP_FP32 = ("e_score_correction_bias",)
 
 
-def find_config(path: str, explicit: str | None) -> str:
-    """config.yaml of a checkpoint: explicit, in the directory, or in a parent (DCP layouts)."""
-    if explicit:
-        return explicit
-    here = os.path.abspath(path)
-    for _ in range(3):
-        cand = os.path.join(here, "config.yaml")
-        if os.path.isfile(cand):
-            return cand
-        here = os.path.dirname(here)
-    raise ConfigError(f"{path}: no config.yaml in the checkpoint or its parents; pass --config")
-
-
-def read_model_state(path: str) -> dict:
-    """Model tensors (our names, full shapes) of a single-process or DCP checkpoint."""
-    if os.path.isfile(os.path.join(path, "manifest.json")):
-        state = ckpt.read_checkpoint(path)
-        if "model" in state:
-            return state["model"]
-        if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
-            raise ckpt.CheckpointError(f"{path}/state.pt: no 'model' entry")
-        path = os.path.join(path, "dcp")  # a multi-rank step: state.pt holds the extras, dcp/ the tensors
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        full = ckpt.read_dcp(path)
-        return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-    raise ckpt.CheckpointError(f"{path}: neither a checkpoint directory (manifest.json) nor a DCP "
-                               "checkpoint (.metadata)")
 
 
 def _cast(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

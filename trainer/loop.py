@@ -24,16 +24,13 @@ from model.batch import make_batch
 from parallel import checkpoint as ckpt
 from parallel.engine import Engine, StepMetrics
 from trainer.config import Config, dump_yaml
+from trainer.errors import NonFiniteError
 from trainer.evaluate import maybe_validate
 from trainer.flops import flops_per_token
 from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
 from trainer.schedule import lr_at
 
 log = logging.getLogger("moepipe")
-
-
-class NonFiniteError(RuntimeError):
-    """Loss or gradients became NaN/inf and the config says to halt."""
 
 
 @dataclass

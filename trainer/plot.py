@@ -21,7 +21,7 @@ import os
 import sys
 
 from trainer.cli import user_errors
-from trainer.sweep_report import read_metrics
+from trainer.metrics import read_metrics
 
 SERIES_KEY = "moepipe:series"
 

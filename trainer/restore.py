@@ -1,4 +1,4 @@
-"""A trained model back from a checkpoint, for evaluation and generation (no optimizer, one process).
+"""A trained model back from a checkpoint (no optimizer, one process), and the device this process uses.
 
 Reads a single-process checkpoint (`step_XXXXXXXX/`, manifest verified, weights_only load) or a
 DCP directory of any (dp, ep, pp) layout (tensors carry global names), with the config saved
@@ -10,8 +10,50 @@ import os
 
 import torch
 
-from trainer.config import ConfigError, load_config
-from trainer.export import find_config, read_model_state
+from parallel import checkpoint as ckpt
+from trainer.config import Config, ConfigError, load_config
+
+
+def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    """(device of this process, autocast dtype or None for fp32) from train.device / train.dtype."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda': no CUDA device is visible; use train.device=cpu or auto")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if use_cuda else "fp32"
+    return device, (torch.bfloat16 if dtype == "bf16" else None)
+
+
+def find_config(path: str, explicit: str | None) -> str:
+    """config.yaml of a checkpoint: explicit, in the directory, or in a parent (DCP layouts)."""
+    if explicit:
+        return explicit
+    here = os.path.abspath(path)
+    for _ in range(3):
+        cand = os.path.join(here, "config.yaml")
+        if os.path.isfile(cand):
+            return cand
+        here = os.path.dirname(here)
+    raise ConfigError(f"{path}: no config.yaml in the checkpoint or its parents; pass --config")
+
+
+def read_model_state(path: str) -> dict:
+    """Model tensors (our names, full shapes) of a single-process or DCP checkpoint."""
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        state = ckpt.read_checkpoint(path)
+        if "model" in state:
+            return state["model"]
+        if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
+            raise ckpt.CheckpointError(f"{path}/state.pt: no 'model' entry")
+        path = os.path.join(path, "dcp")  # a multi-rank step: state.pt holds the extras, dcp/ the tensors
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        full = ckpt.read_dcp(path)
+        return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    raise ckpt.CheckpointError(f"{path}: neither a checkpoint directory (manifest.json) nor a DCP "
+                               "checkpoint (.metadata)")
 
 
 def load_model(path: str, config: str | None = None, overrides: list[str] | None = None,

@@ -12,25 +12,11 @@ Outputs: `<sweep output_dir>/results.csv`, `results.md`, `results.png`, and
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
+from trainer.metrics import read_metrics
 
-def read_metrics(output_dir: str) -> list[dict]:
-    """Records of output_dir/metrics.jsonl sorted by step, one per step (the last written wins)."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    by_step: dict[int, dict] = {}
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                by_step[int(rec["step"])] = rec
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from a killed process
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def summarize(records: list[dict], metrics: list[str], window: int) -> dict:

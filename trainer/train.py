@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from trainer.cli import user_errors
 from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.restore import pick_device
 
 log = logging.getLogger("moepipe")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; the launcher should requeue
@@ -60,18 +61,6 @@ def run(cfg) -> int:
         if lock is not None:
             lock.release()
 
-
-def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
-    """(device of this process, autocast dtype or None for fp32) from train.device / train.dtype."""
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda': no CUDA device is visible; use train.device=cpu or auto")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bf16" if use_cuda else "fp32"
-    return device, (torch.bfloat16 if dtype == "bf16" else None)
 
 
 def init_distributed(cfg: Config, device: torch.device):

@@ -21,7 +21,8 @@ import torch
 from parallel import checkpoint as ckpt
 from model.batch import make_batch
 from trainer.config import dump_yaml, load_config
-from trainer.export import export, read_model_state
+from trainer.export import export
+from trainer.restore import read_model_state
 from trainer.export import main as export_main
 from trainer.import_hf import import_state
 from trainer.import_hf import main as import_main

@@ -16,7 +16,8 @@ import torch
 from trainer import loop
 from trainer.config import load_config
 from trainer.metrics import MetricsWriter
-from trainer.train import build_run, init_distributed, pick_device
+from trainer.restore import pick_device
+from trainer.train import build_run, init_distributed
 
 CFG = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.first_k_dense=1",
        "model.dense_ffn_size=32", "model.max_seq_len=16", "attention.num_heads=2", "attention.q_lora_rank=16",

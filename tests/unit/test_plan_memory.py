@@ -32,7 +32,7 @@ def measured(model, zero) -> dict[str, int]:
 def test_single_process_bytes_are_exact(bf16):
     cfg = load_config("configs/tiny.yaml", TINY)
     model = build_model(cfg)
-    zero = ZeroAdamW(model, Topology.single(), moment_dtype=torch.bfloat16 if bf16 else torch.float32,
+    zero = ZeroAdamW(model, Topology(plan_layout(1), 0), moment_dtype=torch.bfloat16 if bf16 else torch.float32,
                      weight_decay=cfg.optim.weight_decay)
     params = rank_params(param_inventory(cfg), list(range(cfg.model.num_layers)), True, True, cfg)
     assert vars(static_bytes(params, 1, 1, bf16, cfg.optim.weight_decay)) == measured(model, zero)

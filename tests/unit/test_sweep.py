@@ -8,7 +8,8 @@ import os
 import pytest
 
 from trainer import sweep as sw
-from trainer.sweep_report import collect_and_report, read_metrics, summarize
+from trainer.metrics import read_metrics
+from trainer.sweep_report import collect_and_report, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
