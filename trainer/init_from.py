@@ -16,7 +16,7 @@ import json
 import logging
 import os
 
-from trainer import checkpoint as ckpt
+from parallel import checkpoint as ckpt
 from trainer.config import Config, ConfigError
 
 log = logging.getLogger("moepipe")
@@ -75,26 +75,29 @@ def _parent_steps(checkpoint: str) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
+class WeightsOnly:
+    """An engine seen through its model tensors only: loading through it leaves the optimizer fresh
+    (every engine resets its moments when a load carries no `optim.*` tensors)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.engine.state_dict().items() if k.startswith("model.")}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
+
+
 def load_parent(run, checkpoint: str, with_optimizer: bool) -> None:
-    """Weights (and optionally the optimizer state) of `checkpoint` into the built run; the step,
-    data position and RNG of the run stay fresh."""
-    if run.zero is None:
-        state = ckpt.read_checkpoint(checkpoint)
-        if "model" not in state:
-            raise ckpt.CheckpointError(f"checkpoint.init_from = {checkpoint!r}: a multi-rank (DCP) checkpoint; "
-                                       "start this stage with torchrun, or export the parent to one process")
-        run.model.load_state_dict(state["model"])
-        if with_optimizer:
-            if "optimizer" not in state:
-                raise ConfigError(f"checkpoint.init_optimizer = true: {checkpoint} holds weights only; set "
-                                  "checkpoint.init_optimizer=false")
-            run.optimizer.load_state_dict(state["optimizer"])
+    """Weights (and optionally the optimizer state) of `checkpoint` into the run's engine, at any
+    layout; the step, data position and RNG of the run stay fresh (the returned extras are dropped)."""
+    if with_optimizer:
+        if ckpt.load(checkpoint, run.engine) is None:
+            raise ConfigError(f"checkpoint.init_optimizer = true: {checkpoint} holds weights only; set "
+                              "checkpoint.init_optimizer=false")
         return
-    from parallel.checkpoint import load_checkpoint
-    if not os.path.isdir(os.path.join(checkpoint, "dcp")):
-        raise ckpt.CheckpointError(f"checkpoint.init_from = {checkpoint!r}: a single-process checkpoint; start "
-                                   "this stage with one process too")
-    load_checkpoint(os.path.join(checkpoint, "dcp"), run.model, run.zero if with_optimizer else None, run.topology)
+    ckpt.load(checkpoint, WeightsOnly(run.engine))
 
 
 def packing_note(run) -> str:
