@@ -36,7 +36,7 @@ from data.sources import read_dump  # noqa: E402
 from data.tokenize import load_tokenizer  # noqa: E402
 from model.batch import make_batch  # noqa: E402
 from model.transformer import build_model  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
+from parallel import checkpoint as ckpt  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 STAGES = ("tiny_256", "tiny_1024", "tiny_2048")
@@ -101,10 +101,22 @@ def logits_of(model, tokens_BL: torch.Tensor) -> torch.Tensor:
     return model.head(model.norm(h))
 
 
+class Weights:
+    """A model seen as the checkpoint loader sees an engine: its `model.*` tensors only."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+
+
 def load_model(config: str, overrides: list[str], checkpoint: str):
-    cfg = load_config(config, overrides)
-    model = build_model(cfg)
-    model.load_state_dict(ckpt.read_checkpoint(checkpoint)["model"])
+    model = build_model(load_config(config, overrides))
+    ckpt.load(checkpoint, Weights(model))
     return model.eval()
 
 
