@@ -104,6 +104,8 @@ class CheckpointConfig:
     keep_last: int = doc(2, "Keep this many most recent checkpoints; older ones are deleted.")
     resume: str = doc("auto", "auto (latest in output_dir if any), none, or a checkpoint directory.")
     async_save: bool = doc(False, "Write checkpoints in a background thread.")
+    init_from: str = doc("", "Start this run (a stage, e.g. a long-context extension) from another run's final weights: its train.output_dir (latest checkpoint) or a checkpoint directory, relative to the working directory. Fresh step, schedule and data position; a checkpoint of this run's own output_dir wins (resume).")
+    init_optimizer: bool = doc(False, "With init_from: also load the parent's AdamW state (default: fresh moments).")
 
     def __post_init__(self):
         require(self.every >= 0, "every", self.every, "must be >= 0")
@@ -167,7 +169,8 @@ class Config:
         m, a, moe = self.model, self.attention, self.moe
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len = {self.data.seq_len}: must be <= model.max_seq_len "
-                              f"({m.max_seq_len}); raise model.max_seq_len or lower data.seq_len")
+                              f"({m.max_seq_len}), the length of the RoPE tables; raise model.max_seq_len (a context "
+                              "extension also sets attention.rope_scaling) or lower data.seq_len")
         if a.yarn and a.yarn["original_max_position_embeddings"] > m.max_seq_len:
             raise ConfigError(f"attention.rope_scaling.original_max_position_embeddings = "
                               f"{a.yarn['original_max_position_embeddings']}: must be <= model.max_seq_len "

@@ -67,6 +67,11 @@ def model_changes(checkpoint: str, cfg: Config) -> list[str]:
             saved = yaml.safe_load(f) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
         return []
+    return config_changes(saved, cfg)
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """'section.field: old -> new' for every field of the model sections that differs from `saved`."""
     changes = []
     for section in MODEL_SECTIONS:
         old = saved.get(section) or {}

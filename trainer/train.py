@@ -136,7 +136,7 @@ def own_output_dir(cfg, topology, device):
 def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     from data.stream import stream_from_config
     from parallel import checkpoint as ckpt
-    from trainer import preflight
+    from trainer import init_from, preflight
     from trainer.loop import install_stop_handlers, load_state, train
     from trainer.metrics import MetricsWriter, setup_logging
 
@@ -165,6 +165,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
         warning = preflight.schedule_change(path, cfg)
         if warning:
             log.warning(warning)
+    init_from.start_stage(run_, cfg, resumed=path)
     if run_.step >= cfg.train.steps:
         log.info("this run is complete: step %d of train.steps = %d in %s; to train further, raise train.steps "
                  "(e.g. --set train.steps=%d), or start afresh in another train.output_dir", run_.step,
