@@ -8,7 +8,8 @@ heads; c_KV is RMS-normed and up-projected to per-head k_nope and v. Only c_KV a
 cached at inference: kv_lora_rank + qk_rope_head_dim numbers per token (`cache_dim`).
 Scores use softmax scale 1/sqrt(qk_nope + qk_rope), causal and same-document masking: through
 flex_attention and the context's BlockMask on CUDA (q/k head dim N+R, v head dim V), or through
-scaled_dot_product_attention and the dense boolean mask on CPU (see `model.context`).
+scaled_dot_product_attention and the dense boolean mask on CPU (see `model.context`), with v
+zero-padded to N+R so that SDPA can take its flash kernel (`dense_attention`).
 
 Legend: B batch, L sequence, D hidden, H heads, N nope dims, R rope dims, V value dims,
 C kv_lora_rank.
@@ -32,6 +33,23 @@ def flex_attention():
         from torch.nn.attention.flex_attention import flex_attention as flex
         _FLEX.append(torch.compile(flex, dynamic=False) if torch.cuda.is_available() else flex)
     return _FLEX[0]
+
+
+def dense_attention(q_BHLK: Tensor, k_BHLK: Tensor, v_BHLV: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """scaled_dot_product_attention under the dense boolean mask, [B,H,L,V].
+
+    SDPA's flash kernel (on CPU: blocked, online softmax, only the log-sum-exp kept for
+    backward) needs equal q/k and v head dims; MLA's differ (N+R vs V). The narrower side is
+    zero-padded: zero value columns give zero output columns, which are dropped, and zero q/k
+    columns add nothing to the scores (the scale is explicit), so the result is the same
+    attention up to rounding, without the L x L probabilities the math path would save."""
+    K, V = q_BHLK.shape[-1], v_BHLV.shape[-1]
+    if V < K:
+        v_BHLV = F.pad(v_BHLV, (0, K - V))
+    elif K < V:
+        q_BHLK, k_BHLK = F.pad(q_BHLK, (0, V - K)), F.pad(k_BHLK, (0, V - K))
+    out = F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLV, attn_mask=mask, scale=scale)
+    return out[..., :V]
 
 
 class MLA(nn.Module):
@@ -82,5 +100,5 @@ class MLA(nn.Module):
         if ctx.block_mask is not None:
             out = flex_attention()(q, k, v, block_mask=ctx.block_mask, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, scale=self.scale)
+            out = dense_attention(q, k, v, ctx.mask, self.scale)
         return self.wo(out.transpose(1, 2).reshape(B, L, self.H * self.V))

@@ -1,9 +1,11 @@
 """MLA through flex_attention + BlockMask vs the dense-mask SDPA path: same forward (CPU, eager
-flex has no CPU backward) and same gradients (CUDA, run by benchmarks/gpu_check.sh)."""
+flex has no CPU backward) and same gradients (CUDA, run by benchmarks/gpu_check.sh). The dense
+path (v zero-padded to the q/k head dim, SDPA's flash kernel on CPU) against the plain masked
+softmax in fp64 on packed rows with several documents, forward and gradients."""
 import pytest
 import torch
 
-from model.attention import MLA
+from model.attention import MLA, dense_attention
 from model.batch import make_batch
 from model.context import attention_path, make_context
 from model.layers import rope_tables
@@ -36,6 +38,22 @@ def test_flex_context_holds_no_dense_mask_and_auto_picks_by_device():
     assert attention_path(torch.device("cuda")) == "flex"
     with pytest.raises(ValueError, match="auto, flex or dense"):
         attention_path(torch.device("cpu"), "varlen")
+
+
+def test_dense_attention_takes_flash_and_equals_masked_softmax_on_packed_rows():
+    _, _, ctxs = _setup("cpu")
+    mask = ctxs["dense"].mask            # row 0: three documents and padding; row 1: one document
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 2, 40, 16, requires_grad=True), torch.randn(2, 2, 40, 16, requires_grad=True)
+    v = torch.randn(2, 2, 40, 8, requires_grad=True)
+    out = dense_attention(q, k, v, mask, 0.3)
+    assert "Flash" in type(out.grad_fn.next_functions[0][0]).__name__   # the flash kernel, not the math path
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = ((q64 @ k64.transpose(-2, -1)) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ v64
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, (q64, k64, v64), g)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
