@@ -171,5 +171,5 @@ class LocalDispatcher:
     def combine(self, y_SD: Tensor, state) -> Tensor:
         order_S, token_S, weights_TK, T = state
         w_S = weights_TK.reshape(-1)[order_S].to(y_SD.dtype)
-        out = y_SD.new_zeros(T, y_SD.shape[-1])
-        return out.index_add(0, token_S, y_SD * w_S[:, None])
+        # in place into a fresh zero tensor: the out-of-place form would copy the [T, D] zeros once more
+        return y_SD.new_zeros(T, y_SD.shape[-1]).index_add_(0, token_S, y_SD * w_S[:, None])
