@@ -8,7 +8,7 @@ heads; c_KV is RMS-normed and up-projected to per-head k_nope and v. Only c_KV a
 cached at inference: kv_lora_rank + qk_rope_head_dim numbers per token (`cache_dim`).
 Scores use softmax scale 1/sqrt(qk_nope + qk_rope), causal and same-document masking: through
 flex_attention and the context's BlockMask on CUDA (q/k head dim N+R, v head dim V), or through
-scaled_dot_product_attention and the dense boolean mask on CPU (see `model.context`), with v
+scaled_dot_product_attention and the dense additive mask on CPU (see `model.context`), with v
 zero-padded to N+R so that SDPA can take its flash kernel (`dense_attention`).
 
 Legend: B batch, L sequence, D hidden, H heads, N nope dims, R rope dims, V value dims,
@@ -36,7 +36,7 @@ def flex_attention():
 
 
 def dense_attention(q_BHLK: Tensor, k_BHLK: Tensor, v_BHLV: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """scaled_dot_product_attention under the dense boolean mask, [B,H,L,V].
+    """scaled_dot_product_attention under the dense mask [B,1,L,L] (`model.context`), [B,H,L,V].
 
     SDPA's flash kernel (on CPU: blocked, online softmax, only the log-sum-exp kept for
     backward) needs equal q/k and v head dims; MLA's differ (N+R vs V). The narrower side is
@@ -48,6 +48,8 @@ def dense_attention(q_BHLK: Tensor, k_BHLK: Tensor, v_BHLV: Tensor, mask: Tensor
         v_BHLV = F.pad(v_BHLV, (0, K - V))
     elif K < V:
         q_BHLK, k_BHLK = F.pad(q_BHLK, (0, V - K)), F.pad(k_BHLK, (0, V - K))
+    if mask.is_floating_point():
+        mask = mask.to(q_BHLK.dtype)    # SDPA wants an additive mask in the query's dtype
     out = F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLV, attn_mask=mask, scale=scale)
     return out[..., :V]
 

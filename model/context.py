@@ -7,8 +7,10 @@ attention), and which tokens are padding. The mask takes one of two forms, built
 micro-batch and shared by all layers:
 - "flex" (CUDA): a flex_attention BlockMask from the segment ids; fully masked tiles are
   skipped and no L x L tensor exists (the mask is built by a compiled kernel, tile by tile);
-- "dense" (CPU): a [B,1,L,L] boolean mask for scaled_dot_product_attention, the fastest exact
-  path on CPU (flex_attention has no CPU backward). MoE layers also report into the context: tokens
+- "dense" (CPU): a [B,1,L,L] additive fp32 mask (0 where the boolean rule allows, -inf
+  elsewhere) for scaled_dot_product_attention's flash kernel, the fastest exact path on CPU
+  (flex_attention has no CPU backward). Built additive once: SDPA would otherwise convert a
+  boolean mask in every layer and keep each layer's copy for backward. MoE layers also report into the context: tokens
 routed per expert (for the aux-loss-free bias update, DeepSeek-V3 section 2.1.2) and their
 sequence-wise balance losses (eq. 17-20). A pipeline stage builds its own context from the
 batch with `model.make_context(batch)` and must add `ctx.balance_loss()` to what it
@@ -31,7 +33,7 @@ class Context:
     segment_ids: Tensor        # [B,L] long, -1 on padding
     cos: Tensor                # [B,L,r] fp32 RoPE angles of each token's position
     sin: Tensor                # [B,L,r]
-    mask: Tensor | None        # [B,1,L,L] bool, True = query may attend key ("dense" only)
+    mask: Tensor | None        # [B,1,L,L] fp32, 0 = query may attend key, -inf = not ("dense" only)
     valid: Tensor              # [B,L] bool, False on padding
     expert_counts: Tensor      # [N,E] fp32, tokens routed per expert (valid tokens only)
     block_mask: object = None  # flex_attention BlockMask ("flex" only)
@@ -51,6 +53,11 @@ def attention_mask(segment_ids_BL: Tensor) -> Tensor:
     same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
     causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids_BL.device).tril()
     return (same & causal)[:, None]
+
+
+def additive_mask(mask_B1LL: Tensor) -> Tensor:
+    """The boolean mask as SDPA's additive form: 0 where True, -inf where False (fp32)."""
+    return torch.zeros(mask_B1LL.shape, device=mask_B1LL.device).masked_fill_(~mask_B1LL, float("-inf"))
 
 
 def document_block_mask(segment_ids_BL: Tensor):
@@ -84,7 +91,7 @@ def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int,
     path = attention_path(seg.device, attention)
     return Context(
         positions=pos, segment_ids=seg, cos=cos_table[pos], sin=sin_table[pos],
-        mask=attention_mask(seg) if path == "dense" else None,
+        mask=additive_mask(attention_mask(seg)) if path == "dense" else None,
         block_mask=document_block_mask(seg) if path == "flex" else None, valid=seg >= 0,
         expert_counts=torch.zeros(n_moe_layers, num_experts, device=cos_table.device),
     )

@@ -7,7 +7,7 @@ import torch
 
 from model.attention import MLA, dense_attention
 from model.batch import make_batch
-from model.context import attention_path, make_context
+from model.context import additive_mask, attention_mask, attention_path, make_context
 from model.layers import rope_tables
 from model.provider import LayerProvider
 from trainer.config import load_config
@@ -42,11 +42,14 @@ def test_flex_context_holds_no_dense_mask_and_auto_picks_by_device():
 
 def test_dense_attention_takes_flash_and_equals_masked_softmax_on_packed_rows():
     _, _, ctxs = _setup("cpu")
-    mask = ctxs["dense"].mask            # row 0: three documents and padding; row 1: one document
+    mask = attention_mask(ctxs["dense"].segment_ids)   # row 0: three documents and padding; row 1: one
+    torch.testing.assert_close(ctxs["dense"].mask, additive_mask(mask))
     torch.manual_seed(1)
     q, k = torch.randn(2, 2, 40, 16, requires_grad=True), torch.randn(2, 2, 40, 16, requires_grad=True)
     v = torch.randn(2, 2, 40, 8, requires_grad=True)
-    out = dense_attention(q, k, v, mask, 0.3)
+    assert not torch.equal(dense_attention(q, k, v, mask, 0.3), dense_attention(q, k, v, ~mask, 0.3))
+    out = dense_attention(q, k, v, ctxs["dense"].mask, 0.3)
+    torch.testing.assert_close(out, dense_attention(q, k, v, mask, 0.3))   # additive and boolean forms agree
     assert "Flash" in type(out.grad_fn.next_functions[0][0]).__name__   # the flash kernel, not the math path
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref = ((q64 @ k64.transpose(-2, -1)) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1) @ v64
