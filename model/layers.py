@@ -76,11 +76,13 @@ def rope_tables(rope_dim: int, max_len: int, theta: float, device=None,
 
 def apply_rope(x_BLHR: Tensor, cos_BLr: Tensor, sin_BLr: Tensor) -> Tensor:
     """Rotate interleaved pairs of the last dim of x [B,L,H,R] by per-token angles [B,L,R/2]."""
-    xf = x_BLHR.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_BLr[:, :, None, :], sin_BLr[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x_BLHR.dtype)
+    # out[2i] = x[2i] cos_i + x[2i+1] (-sin_i), out[2i+1] = x[2i+1] cos_i + x[2i] sin_i: one
+    # pair swap and two products with tables widened to R (bit-equal to the pairwise formula)
+    xf = x_BLHR.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    cos_BLR = cos_BLr.repeat_interleave(2, dim=-1)[:, :, None, :]
+    sin_BLR = torch.stack((-sin_BLr, sin_BLr), dim=-1).flatten(-2)[:, :, None, :]
+    return (xf * cos_BLR + swapped * sin_BLR).to(x_BLHR.dtype)
 
 
 def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
