@@ -25,6 +25,7 @@ def _check_against_standalone(out, data_root, step, val_steps=(2, 4)):
     assert sorted(s for s in m if "val_loss" in m[s]) == list(val_steps)
     ckpt = os.path.join(out, "checkpoints", f"step_{step:08d}")
     (_, standalone), = evaluate(ckpt, batches=2, overrides=[f"data.output_dir={data_root}"])
+    assert m[step]["val_tokens"] == standalone["val_tokens"] > 0  # each target token counted once
     assert m[step]["val_loss"] == pytest.approx(standalone["val_loss"], rel=1e-5)
     assert m[step]["val_mtp_loss"] == pytest.approx(standalone["val_mtp_loss"], rel=1e-5)
     assert m[step]["val_ppl"] == pytest.approx(standalone["val_ppl"], rel=1e-5)
