@@ -6,8 +6,10 @@ evaluation set is the first `eval.batches x train.micro_batch_size` sequences of
 of it when smaller), always the same ones, so numbers from different steps compare. Data-parallel
 rank r of W takes sequences r, r + W, ...; ranks left short get empty (all-padding) rows, so every
 rank runs the same number of forwards (expert-parallel all-to-alls need it) and empty rows
-count nothing. Each rank sums cross-entropy x target tokens in float64 and the sums are added over
-data-parallel ranks, so the result is the same token-weighted mean at any layout:
+count nothing. Under pipeline parallelism every pp rank of a replica takes the same rows, each
+micro-batch goes forward through the stages in order and the rank of the head stage counts it.
+Each rank sums cross-entropy x target tokens in float64 and the sums are added over all ranks
+(the other pipeline ranks add zeros), so the result is the same token-weighted mean at any layout:
   val_loss = sum of next-token cross-entropies / target tokens,  val_ppl = exp(val_loss),
   val_mtp_loss = the MTP loss (mean over depths), weighted by each micro-batch's depth-1 targets.
 The standalone command reports every prepared dataset of the run (this one and `data.blend`'s)
@@ -16,7 +18,6 @@ on its own line, then all of them together.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -71,9 +72,12 @@ def load_rows(reader, rows: list[int | None], seq_len: int, pad_id: int):
 
 
 @torch.no_grad()
-def split_sums(model, reader, n_total: int, cfg, device, make_context=contextlib.nullcontext,
-               rank: int = 0, world: int = 1, pad_id: int = 0) -> torch.Tensor:
-    """float64 [lm CE sum, target tokens, MTP loss x depth-1 targets, depth-1 targets] of this rank."""
+def split_sums(forward, reader, n_total: int, cfg, device, rank: int = 0, world: int = 1,
+               pad_id: int = 0) -> torch.Tensor:
+    """float64 [lm CE sum, target tokens, MTP loss x depth-1 targets, depth-1 targets] of this rank.
+
+    `forward(batch)` -> the model's output, or None on a pipeline rank without the head stage
+    (which then adds nothing: the head stage's rank counts the micro-batch)."""
     from model.batch import IGNORE, make_batch, mtp_labels
     rows = rank_rows(n_total, rank, world)
     mb = cfg.train.micro_batch_size
@@ -81,8 +85,9 @@ def split_sums(model, reader, n_total: int, cfg, device, make_context=contextlib
     for start in range(0, len(rows), mb):
         tokens, doc_lens = load_rows(reader, rows[start:start + mb], cfg.data.seq_len, pad_id)
         batch = make_batch(tokens, doc_lens, device)
-        with make_context():
-            out = model(batch)
+        out = forward(batch)
+        if out is None:
+            continue
         n = (batch.labels != IGNORE).sum().double()
         n1 = (mtp_labels(batch, 1) != IGNORE).sum().double() if cfg.mtp.depth else n.new_zeros(())
         sums += torch.stack([out.lm_loss.double() * n, n, out.mtp_loss.double() * n1, n1])
@@ -110,10 +115,9 @@ def validate(run) -> dict:
     n_total = min(len(reader), cfg.eval.batches * cfg.train.micro_batch_size)
     engine = run.engine
     topo = engine.topology
-    sums = split_sums(engine.model, reader, n_total, cfg, engine.device, engine.make_context, topo.dp_rank, topo.dp,
-                      pad_id)
-    if topo.size("dp") > 1:
-        torch.distributed.all_reduce(sums, group=topo.group("dp"))
+    sums = split_sums(engine.eval_forward, reader, n_total, cfg, engine.device, topo.dp_rank, topo.dp, pad_id)
+    if topo.world_size > 1:  # over dp replicas, and from each pipeline's head-stage rank to the others
+        torch.distributed.all_reduce(sums)
     out = finish(sums, cfg.mtp.depth > 0)
     out["val_seconds"] = time.perf_counter() - t0
     return out
@@ -125,10 +129,9 @@ def maybe_validate(run) -> dict:
     due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps)
     if not due:
         return {}
-    if cfg.data.valid_fraction == 0 or not run.engine.validates:
-        why = ("data.valid_fraction = 0 (no held-out split); set it > 0 to validate" if cfg.data.valid_fraction == 0
-               else "validation under pipeline parallelism (parallel.pp > 1) is not implemented yet")
-        log.warning("step %d: no validation: %s", run.step, why)
+    if cfg.data.valid_fraction == 0:
+        log.warning("step %d: no validation: data.valid_fraction = 0 (no held-out split); set it > 0 to validate",
+                    run.step)
         return {}
     if not os.path.isfile(os.path.join(valid_dirs_unchecked(cfg)[0], "valid.idx")):
         log.warning("step %d: no validation: data.valid_fraction = %s of this corpus rounds to 0 sequences; "
@@ -142,7 +145,7 @@ def maybe_validate(run) -> dict:
 def evaluate(path: str, config: str | None = None, overrides: list[str] | None = None,
              batches: int | None = None) -> list[tuple[str, dict]]:
     """(dataset dir, metrics) per prepared dataset of the checkpoint's run, then ("all", total)."""
-    from parallel.engine.base import forward_context
+    from parallel.engine.base import eval_forward, forward_context
     from trainer.restore import load_model, pick_device
     cfg, model = load_model(path, config, overrides)
     dirs = valid_dirs(cfg)
@@ -152,7 +155,9 @@ def evaluate(path: str, config: str | None = None, overrides: list[str] | None =
     for d in dirs:
         reader, pad_id = open_split(d)
         n = len(reader) if batches is None else min(len(reader), batches * cfg.train.micro_batch_size)
-        sums = split_sums(model, reader, n, cfg, device, forward_context(device, autocast_dtype, None), pad_id=pad_id)
+        make_context = forward_context(device, autocast_dtype, None)
+        sums = split_sums(lambda batch: eval_forward(model, batch, make_context), reader, n, cfg, device,
+                          pad_id=pad_id)
         rows.append((d, finish(sums, cfg.mtp.depth > 0)))
         total = sums if total is None else total + sums
     if len(dirs) > 1:

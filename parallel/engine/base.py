@@ -7,6 +7,8 @@ micro-batches and asks it, in order, for `forward_backward` (summed losses and e
 summed over the world), `reduce_and_norm` (the global gradient norm), then `apply(lr)` or
 `discard()`; checkpoints go through `state_dict` / `load_state_dict`, whose tensors carry the
 single-process names and global shapes whatever the layout (see `parallel.checkpoint`).
+Validation calls `eval_forward(batch)` on every rank: the model's output (losses) without
+autograd, or None on a pipeline rank that does not hold the head stage.
 
 Legend: N micro-batches of one step, E routed experts.
 """
@@ -48,7 +50,8 @@ class Engine(Protocol):
     topology: Topology
     device: torch.device
     make_context: ForwardContext   # autocast / FP8 around a forward (validation uses it too)
-    validates: bool                # whether a forward-only pass over held-out data runs on it
+
+    def eval_forward(self, batch: Batch): ...
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics: ...
 
@@ -82,6 +85,13 @@ def forward_context(device: torch.device, autocast_dtype: torch.dtype | None,
             stack.enter_context(fp8_context())
         return stack
     return make
+
+
+@torch.no_grad()
+def eval_forward(model: nn.Module, batch: Batch, make_context: ForwardContext):
+    """The model's output on `batch` without autograd (validation), under the forward context."""
+    with make_context():
+        return model(batch)
 
 
 def run_micro_batches(model: nn.Module, batches: list[Batch], make_context: ForwardContext,

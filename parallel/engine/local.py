@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from model.batch import Batch
 from parallel.adamw import AdamW
-from parallel.engine.base import ForwardContext, StepMetrics, run_micro_batches
+from parallel.engine.base import ForwardContext, StepMetrics, eval_forward, run_micro_batches
 from parallel.topology import Topology
 
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -22,12 +22,13 @@ OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 class LocalEngine:
     """A world of one: no collective anywhere."""
 
-    validates = True
-
     def __init__(self, model: nn.Module, optimizer: AdamW, topology: Topology, device: torch.device,
                  make_context: ForwardContext, grad_clip: float):
         self.model, self.optimizer, self.topology, self.device = model, optimizer, topology, device
         self.make_context, self.grad_clip = make_context, grad_clip
+
+    def eval_forward(self, batch: Batch):
+        return eval_forward(self.model, batch, self.make_context)
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         return run_micro_batches(self.model, batches, self.make_context)

@@ -16,6 +16,8 @@ chunks are views of it (DualPipeV's two chunks on rank 0 share one `embed.weight
 ZeRO-1's grad norm sums squares over dp and pp; a parameter held by k pp ranks would count k
 times, so `PipelineZeroAdamW` leaves such copies out of the norm on all but the lowest holder.
 Everything after the step's forward and backward is the ZeRO engine's (`parallel.engine.zero`).
+Validation runs each micro-batch forward-only through the stages in order
+(`parallel.pipeline.forward_only`); the losses come out on the rank of the head stage.
 
 Legend: N micro-batches per step (= train.grad_accum), E routed experts.
 """
@@ -34,6 +36,7 @@ from parallel.data_parallel import ZeroAdamW
 from parallel.engine.base import ForwardContext, StepMetrics
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import AllToAllDispatcher, parallelize_experts
+from parallel.pipeline.forward_only import forward_in_stage_order
 from parallel.pipeline.layout import describe_layout
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_layout, ranks_of_stages
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
@@ -116,13 +119,18 @@ def held_lower(model: nn.Module, topology: Topology) -> set[str]:
 class PipelineEngine(ZeroEngine):
     """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks."""
 
-    validates = False  # a forward-only pass through the stages is not implemented yet
-
     def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
                  make_context: ForwardContext, dispatcher: AllToAllDispatcher | None, runtime: PipelineRuntime,
                  batches: list[Batch], num_experts: int):
         super().__init__(model, zero, topology, device, make_context, dispatcher)
         self.runtime, self.batches, self.num_experts = runtime, batches, num_experts
+
+    def eval_forward(self, batch: Batch):
+        """The head stage's output on its rank, None on the others (every pp rank calls it)."""
+        topo = self.topology
+        stages = [chunk.inner.model for chunk in self.runtime.chunks]
+        return forward_in_stage_order(self.runtime.schedule.placement, topo.pp_rank, stages, batch, self.make_context,
+                                      topo.ranks("pp"), topo.group("pp"), self.device)
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         topo = self.topology

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.batch import Batch
 from parallel.data_parallel import ZeroAdamW
-from parallel.engine.base import LOSS_KEYS, ForwardContext, StepMetrics, run_micro_batches
+from parallel.engine.base import LOSS_KEYS, ForwardContext, StepMetrics, eval_forward, run_micro_batches
 from parallel.expert import AllToAllDispatcher, expert_shards, global_expert_counts
 from parallel.topology import Topology
 
@@ -31,13 +31,14 @@ OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 class ZeroEngine:
     """ZeRO-1 over dp (experts over edp) with optional expert parallelism."""
 
-    validates = True
-
     def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
                  make_context: ForwardContext, dispatcher: AllToAllDispatcher | None):
         self.model, self.zero, self.topology, self.device = model, zero, topology, device
         self.make_context, self.dispatcher = make_context, dispatcher
         self._norm = 0.0
+
+    def eval_forward(self, batch: Batch):
+        return eval_forward(self.model, batch, self.make_context)
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         # reduce-scatter buckets while the last backward still runs

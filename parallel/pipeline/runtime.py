@@ -281,10 +281,7 @@ class PipelineRuntime:
                                  f"runtime with dynamic_shapes=True when activation shapes vary")
             return
         self._sent_meta[key] = meta
-        header = torch.zeros(_HEADER, dtype=torch.int64)
-        header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
-        header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-        header = header.to(self.device)
+        header = shape_header(t)
         ops.append(dist.P2POp(dist.isend, header, dst, self.group))
         self._keep.append(header)
 
@@ -292,8 +289,37 @@ class PipelineRuntime:
         header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
         for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, src, self.group)]):
             w.wait()
-        h = header.tolist()
-        return tuple(h[2:2 + h[0]]), _DTYPES[h[1]]
+        return header_meta(header)
+
+
+def shape_header(t: Tensor) -> Tensor:
+    """int64 [ndim, dtype, dims...] of `t`, on its device: what a receiver needs for its buffer."""
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
+    header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    return header.to(t.device)
+
+
+def header_meta(header: Tensor) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) written by `shape_header`."""
+    h = header.tolist()
+    return tuple(h[2:2 + h[0]]), _DTYPES[h[1]]
+
+
+def send_tensor(t: Tensor, dst: int, group=None) -> None:
+    """Blocking send of `t` with its shape header (for `recv_tensor`); `dst` is a global rank."""
+    dist.send(shape_header(t), dst, group=group)
+    dist.send(t.contiguous(), dst, group=group)
+
+
+def recv_tensor(src: int, device: torch.device, group=None) -> Tensor:
+    """The tensor `send_tensor` sent from global rank `src`."""
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    shape, dtype = header_meta(header)
+    t = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(t, src, group=group)
+    return t
 
 
 def reduce_shared_grads(chunks: list, rank: int, num_ranks: int, group_ranks: list[int] | None = None,
