@@ -69,6 +69,12 @@ def sim_row(label: str, micro: int, ranks: list) -> SimRow:
                   per_kind.makespan, _bubble(per_kind), measured[median_round], simulated)
 
 
+def stage_costs(c: Costs) -> list[float]:
+    """F + B of each stage that has per-stage costs, in stage order."""
+    stages = sorted({s for s, _ in c.stages})
+    return [c.at("F", s) + c.at("B", s) for s in stages]
+
+
 def ranking(rows: list[SimRow], key) -> list[str]:
     return [r.label for r in sorted(rows, key=key)]
 
@@ -82,6 +88,9 @@ def format_sim(rows: list[SimRow], ms: float) -> str:
         lines.append(f"{r.label:<24} {r.measured_ms:>11.1f} {r.predicted_ms:>12.1f} {100 * r.error:>+6.1f}% "
                      f"{100 * r.per_kind_error:>+7.1f}% {100 * r.measured_bubble:>11.1f}% "
                      f"{100 * r.predicted_bubble:>11.1f}% {100 * r.per_kind_bubble:>7.1f}%")
+    lines.append("measured F + B ms per stage (embedding side first): " + "; ".join(
+        f"{r.label.removeprefix('ours ')} {' / '.join(f'{v:.0f}' for v in stage_costs(r.simulated.costs))}"
+        for r in rows))
     meas = ranking(rows, lambda r: r.measured_bubble)
     for name, key in (("per stage", lambda r: r.predicted_bubble), ("per kind", lambda r: r.per_kind_bubble)):
         pred = ranking(rows, key)
