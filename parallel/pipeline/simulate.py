@@ -111,11 +111,11 @@ class Costs:
                     pair.setdefault((s, placement.stage_of(r, a.chunk2)), []).append((a, t1 - t0))
                 else:
                     stage.setdefault(s, {}).setdefault(a.op, []).append((a, t1 - t0))
-        f, i, w, _ = _kind_means(kind)
+        f, i, w = _kind_means(kind)
         fb = _pair_mean(kind.get("FB", []), w)
         out = cls(F=f, I=i, W=w, FB=fb, latency=latency)
         for s, spans in sorted(stage.items()):
-            out.stages[(s, "F")], out.stages[(s, "I")], out.stages[(s, "W")], _ = _kind_means(spans, f, i, w)
+            out.stages[(s, "F")], out.stages[(s, "I")], out.stages[(s, "W")] = _kind_means(spans, f, i, w)
         for (s, s2), spans in sorted(pair.items()):
             out.pairs[(s, s2)] = _pair_mean(spans, out.at("W", s2))
         return out
@@ -126,14 +126,14 @@ def _mean(spans: list) -> float:
 
 
 def _kind_means(spans: dict, f: float = 0.0, i: float = 0.0, w: float = 0.0) -> tuple:
-    """(F, I, W, B) from {op: [(action, seconds)]}; f, i, w = the values where nothing says more."""
+    """(F, I, W) from {op: [(action, seconds)]}; f, i, w = the values where nothing says more."""
     w = _mean(spans["W"]) if "W" in spans else (w if "I" in spans else 0.0)
     if "I" in spans:
         i = _mean(spans["I"])
     elif "B" in spans:
         i = _mean(spans["B"]) - w
     f = _mean(spans["F"]) if "F" in spans else f
-    return f, i, w, i + w
+    return f, i, w
 
 
 def _pair_mean(spans: list, w: float) -> float | None:
