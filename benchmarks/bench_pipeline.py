@@ -25,7 +25,10 @@ wrapping the same stage modules, at each `--latency-ms`; losses and gradients ar
 against one whole model first (exit 1 if any differs). It prints the step-time table and, per
 latency, the simulator's predicted step time and bubbles against the measured timeline, and
 writes the measured and simulated Gantt charts to `--png` (one file per latency).
-Run: python benchmarks/bench_pipeline.py --model [--steps 3] [--latency-ms 0 2 5 20] [--micro 8]
+`--layout 1f1b=6,2 dualpipe=6,2 dualpipev=1,3,3,1` cuts a placement's stages unevenly (block counts
+per stage, `parallel.layout`; 1f1b also serves zb1p and torch's Schedule1F1B, dualpipev torch's
+ScheduleDualPipeV): the head stage, which also runs the output head and MTP, can get fewer blocks.
+Run: python benchmarks/bench_pipeline.py --model [--steps 3] [--latency-ms 0 2 5 20] [--micro 8] [--layout ...]
 """
 from __future__ import annotations
 
@@ -165,12 +168,13 @@ def model_mode(a) -> int:
     from pipeline_model import ModelOpts, model_rank
     from pipeline_report import check_lines, sim_sections, table_lines
 
-    o = ModelOpts(micro=a.micro, rounds=a.steps, latencies_ms=tuple(a.latency_ms))
+    o = ModelOpts(micro=a.micro, rounds=a.steps, latencies_ms=tuple(a.latency_ms), layouts=a.layout)
     results = run_ranks(model_rank, 4, o, timeout=3600)
     checks, ok = check_lines(results, o)
     print(f"model mode: tiny DeepSeek-V3 widths, {o.layers} MoE blocks + MTP, pp=2 x ep=2 (4 gloo ranks, CPU), "
           f"micro={o.micro} of {o.batch}x{o.seq} tokens; median of {o.rounds} rounds after a warm-up, slowest rank; "
           f"one step of each runtime per round")
+    print("layout (blocks per stage): " + ", ".join(f"{k} {o.layouts.get(k, 'even')}" for k in LAYOUT_PLACEMENTS))
     print("\n".join(checks + [""] + table_lines(results, o) + sim_sections(results, o, a.png)))
     return 0 if ok else 1
 
@@ -191,7 +195,11 @@ def parse_args(argv=None):
                    help="model mode: injected all-to-all latencies")
     p.add_argument("--png", default="runs/bench_pipeline/gantt.png",
                    help="model mode: Gantt charts, one file per latency (<stem>_<ms>ms.png); '' for none")
+    p.add_argument("--layout", nargs="+", default=[], metavar="PLACEMENT=COUNTS",
+                   help="model mode: block counts per stage of a placement (1f1b, dualpipe: 2 stages; "
+                        "dualpipev: 4), e.g. 1f1b=6,2 dualpipev=1,3,3,1; absent: even")
     a = p.parse_args(argv)
+    a.layout = _layouts(a.layout)
     for flag in ("latency_ms", "delay_ms"):
         bad = [v for v in getattr(a, flag) if v < 0]
         if bad:
@@ -199,6 +207,28 @@ def parse_args(argv=None):
     if a.steps < 1:
         _fail(f"--steps = {a.steps}: must be >= 1")
     return a
+
+
+LAYOUT_PLACEMENTS = ("1f1b", "dualpipe", "dualpipev")
+
+
+def _layouts(specs: list[str]) -> dict:
+    """--layout PLACEMENT=N,N,... -> {placement: [counts]}, checked against the model mode's blocks."""
+    from parallel.pipeline.layout import num_stages, resolve_layout
+    from pipeline_model import ModelOpts
+    out = {}
+    for spec in specs:
+        name, _, counts = spec.partition("=")
+        if name not in LAYOUT_PLACEMENTS:
+            _fail(f"--layout {spec}: placement must be one of {', '.join(LAYOUT_PLACEMENTS)}, e.g. 1f1b=6,2")
+        if not all(n.strip().isdigit() for n in counts.split(",")):
+            _fail(f"--layout {spec}: give block counts per stage after '=', e.g. {name}=6,2")
+        out[name] = [int(n) for n in counts.split(",")]
+        try:
+            resolve_layout(out[name], ModelOpts().layers, num_stages(name, 2))
+        except ValueError as e:
+            _fail(f"--layout {spec}: {' '.join(str(e).split())}")
+    return out
 
 
 def _fail(line: str):

@@ -3,7 +3,8 @@
 For each of our runtimes at one injected latency: the measured timeline (`PipelineRuntime`'s
 `timeline`, every action's start and end on every rank) and the simulator's replay of the same
 lowered action lists, fed `Costs.from_timeline` of the measured rounds (mean milliseconds per
-action kind over all ranks and rounds; no point-to-point latency). Reported: predicted vs
+model stage and action kind over all ranks and rounds; no point-to-point latency), and for
+comparison the replay fed one mean per action kind (every stage alike). Reported: predicted vs
 measured step time (the schedule alone, slowest rank, median over rounds), the bubble fraction
 of each (the worst rank's idle share of the step; measured: the pipeline of ep rank 0, median
 over rounds) and whether the two order the schedules alike. `draw` puts the measured Gantt
@@ -26,12 +27,18 @@ class SimRow:
     predicted_ms: float
     measured_bubble: float
     predicted_bubble: float
+    per_kind_ms: float    # the replay with one cost per action kind
+    per_kind_bubble: float
     measured: Replay      # the median round, pipeline of ep rank 0, ms from its first action
     simulated: Replay
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1
+
+    @property
+    def per_kind_error(self) -> float:
+        return self.per_kind_ms / self.measured_ms - 1
 
 
 def _bubble(rp: Replay) -> float:
@@ -50,14 +57,22 @@ def sim_row(label: str, micro: int, ranks: list) -> SimRow:
     s = build_schedule(RUNTIMES[label][1], PP, micro)
     rounds = range(1, len(ranks[0]["series"].run))
     in_ms = [[(a, 1000 * t0, 1000 * t1) for a, t0, t1 in r["series"].timelines[i]] for r in ranks for i in rounds]
-    simulated = replay(s, Costs.from_timeline(in_ms))
+    pp_ranks = [r["pp_rank"] for r in ranks for _ in rounds]
+    simulated = replay(s, Costs.from_timeline(in_ms, placement=s.placement, ranks=pp_ranks))
+    per_kind = replay(s, Costs.from_timeline(in_ms))
     runs = [max(r["series"].run[i] for r in ranks) for i in rounds]
     pipe0 = sorted((r for r in ranks if r["ep_rank"] == 0), key=lambda r: r["pp_rank"])
     measured = [_measured_replay(s, [r["series"].timelines[i] for r in pipe0]) for i in rounds]
     median_round = sorted(range(len(runs)), key=runs.__getitem__)[len(runs) // 2]
     return SimRow(label, 1000 * statistics.median(runs), simulated.makespan,
                   statistics.median(_bubble(m) for m in measured), _bubble(simulated),
-                  measured[median_round], simulated)
+                  per_kind.makespan, _bubble(per_kind), measured[median_round], simulated)
+
+
+def stage_costs(c: Costs) -> list[float]:
+    """F + B of each stage that has per-stage costs, in stage order."""
+    stages = sorted({s for s, _ in c.stages})
+    return [c.at("F", s) + c.at("B", s) for s in stages]
 
 
 def ranking(rows: list[SimRow], key) -> list[str]:
@@ -65,17 +80,24 @@ def ranking(rows: list[SimRow], key) -> list[str]:
 
 
 def format_sim(rows: list[SimRow], ms: float) -> str:
-    lines = [f"simulator vs measured at {ms:g} ms: costs = measured mean ms per action kind",
-             f"{'runtime':<24} {'measured ms':>11} {'predicted ms':>12} {'error':>7} "
-             f"{'bubble meas.':>12} {'bubble pred.':>12}"]
+    lines = [f"simulator vs measured at {ms:g} ms: costs = measured mean ms per stage and action kind "
+             f"(per kind: one mean per action kind, every stage alike)",
+             f"{'runtime':<24} {'measured ms':>11} {'predicted ms':>12} {'error':>7} {'per kind':>8} "
+             f"{'bubble meas.':>12} {'bubble pred.':>12} {'per kind':>8}"]
     for r in rows:
         lines.append(f"{r.label:<24} {r.measured_ms:>11.1f} {r.predicted_ms:>12.1f} {100 * r.error:>+6.1f}% "
-                     f"{100 * r.measured_bubble:>11.1f}% {100 * r.predicted_bubble:>11.1f}%")
+                     f"{100 * r.per_kind_error:>+7.1f}% {100 * r.measured_bubble:>11.1f}% "
+                     f"{100 * r.predicted_bubble:>11.1f}% {100 * r.per_kind_bubble:>7.1f}%")
+    lines.append("measured F + B ms per stage (embedding side first): " + "; ".join(
+        f"{r.label.removeprefix('ours ')} {' / '.join(f'{v:.0f}' for v in stage_costs(r.simulated.costs))}"
+        for r in rows))
     meas = ranking(rows, lambda r: r.measured_bubble)
-    pred = ranking(rows, lambda r: r.predicted_bubble)
-    lines.append(f"bubble ranking (least first) predicted == measured: {'yes' if meas == pred else 'no'}")
-    if meas != pred:
-        lines += [f"  measured:  {' < '.join(meas)}", f"  predicted: {' < '.join(pred)}"]
+    for name, key in (("per stage", lambda r: r.predicted_bubble), ("per kind", lambda r: r.per_kind_bubble)):
+        pred = ranking(rows, key)
+        lines.append(f"bubble ranking (least first), {name} costs, predicted == measured: "
+                     f"{'yes' if meas == pred else 'no'}")
+        if meas != pred:
+            lines += [f"  measured:  {' < '.join(meas)}", f"  predicted: {' < '.join(pred)}"]
     return "\n".join(lines)
 
 

@@ -17,9 +17,13 @@ micro-batch by micro-batch with the same all-to-all dispatcher. Then, per inject
 (`a2a_latency`), `rounds` + 1 rounds, each runtime one step per round (the first round is a
 warm-up), so load changes hit all runtimes alike. A schedule that cannot run the micro-batch
 count (its constructor raises ValueError) becomes a row reason instead of a crash.
+
+`layouts` (placement -> block counts per stage, `parallel.layout`) cuts a placement's stages
+unevenly, e.g. fewer blocks on the stage that also holds the output head and MTP.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -68,6 +72,7 @@ class ModelOpts:
     labels: tuple = tuple(RUNTIMES)
     config: str = "configs/tiny.yaml"
     overrides: tuple = ()    # further config overrides (the test shrinks the widths)
+    layouts: dict = field(default_factory=dict)  # placement -> block counts per stage; absent: even
 
 
 @dataclass
@@ -112,15 +117,17 @@ class OursRunner:
         self.losses = {m: float(loss) for m, (loss, _) in zip(self.mine, results)}
 
 
-def _placement_chunks(cfg, topo, batches, name: str):
-    """This rank's chunks of schedule `name`'s placement, experts sharded over ep."""
+def _placement_chunks(cfg, topo, batches, name: str, layout: list):
+    """This rank's chunks of schedule `name`'s placement cut by `layout` ([]: even), experts sharded over ep."""
     s = build_schedule(name, PP, len(batches))
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel.layout = list(layout)
     model, chunks = build_union_chunks(cfg, s, topo.pp_rank, batches, split_w=True)
     parallelize_experts(model, topo)
     return s, model, chunks
 
 
-def build_runners(cfg, topo, batches, labels) -> tuple[dict, dict]:
+def build_runners(cfg, topo, batches, labels, layouts: dict | None = None) -> tuple[dict, dict]:
     """label -> runner, or -> "n/a: reason"; and label -> the model it runs (grads zeroed per step)."""
     placements, runners, models = {}, {}, {}
     for label in labels:
@@ -129,7 +136,7 @@ def build_runners(cfg, topo, batches, labels) -> tuple[dict, dict]:
             s = build_schedule(name, PP, len(batches))
             key = PLACEMENT[name]
             if key not in placements:
-                placements[key] = _placement_chunks(cfg, topo, batches, key)
+                placements[key] = _placement_chunks(cfg, topo, batches, key, (layouts or {}).get(key, []))
             _, model, chunks = placements[key]
             if kind == "torch":
                 runners[label] = TorchPipeline(name, chunks, s.placement, batches, cfg, topo.group("pp"), topo.pp_rank)
@@ -200,7 +207,7 @@ def model_rank(rank: int, world: int, o: ModelOpts) -> dict:
     lat = LatencyInjector().install()
     cfg = bench_config(o)
     batches = micro_batches(o, seed=topo.dp_rank)
-    runners, models = build_runners(cfg, topo, batches, o.labels)
+    runners, models = build_runners(cfg, topo, batches, o.labels, o.layouts)
     live = {k: r for k, r in runners.items() if not isinstance(r, str)}
     ref = reference(cfg, topo, batches)
     checks = {label: check(r, models[label], topo, ref) for label, r in live.items()}

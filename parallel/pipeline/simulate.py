@@ -1,10 +1,12 @@
 """Replay a schedule's action lists with per-action costs: makespan, bubbles, memory, Gantt.
 
 The replay walks every rank's lowered list (compute + SEND/RECV) in order. A compute action
-costs `Costs.of(op)`; a SEND is free and stamps the time its message leaves; a RECV waits for
+costs `Costs.of(op, stage)`; a SEND is free and stamps the time its message leaves; a RECV waits for
 the matching SEND plus `latency`. A rank that reaches a RECV whose SEND has not run yet waits;
 if no rank can move, the schedule deadlocks (`Deadlock`). This is the same replay the checks
-use, so a schedule that simulates is also one that runs.
+use, so a schedule that simulates is also one that runs. Costs are per action kind, or per
+model stage and kind where the stages differ (the stage holding the output head and MTP costs
+several plain stages), the stage of an action being its placement's `stage_of(rank, chunk)`.
 
 Reported per rank: busy time, bubble = makespan - busy, peak live activations (a forward's
 activations live from its F until its B or I; W-only leftovers are not counted, as in
@@ -30,13 +32,19 @@ class Deadlock(RuntimeError):
 
 @dataclass
 class Costs:
-    """Time units per action. FB = the cost of an overlapped F&B pair (default F + B: no overlap)."""
+    """Time units per action. FB = the cost of an overlapped F&B pair (default F + B: no overlap).
+
+    `stages` optionally refines F, I and W per model stage: (stage, op) -> cost, op one of "F",
+    "I", "W"; and `pairs` an F&B pair per (stage of its F, stage of its backward). A stage or pair
+    missing there costs the per-kind value (a missing pair: its F + B scaled like FB / (F + B))."""
 
     F: float = 1.0
     I: float = 1.0
     W: float = 1.0
     FB: float | None = None
     latency: float = 0.0
+    stages: dict[tuple[int, str], float] = field(default_factory=dict)
+    pairs: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @property
     def B(self) -> float:
@@ -45,10 +53,30 @@ class Costs:
     def pair(self) -> float:
         return self.F + self.B if self.FB is None else self.FB
 
-    def of(self, a: Action) -> float:
+    def at(self, op: str, stage: int = -1) -> float:
+        """F, I, W or B of one stage (the per-kind value where the stage has none)."""
+        if op == "B":
+            return self.at("I", stage) + self.at("W", stage)
+        return self.stages.get((stage, op), getattr(self, op))
+
+    def pair_at(self, stage: int = -1, stage2: int = -1) -> float:
+        """A full F&B pair whose F runs on `stage` and whose backward runs on `stage2`."""
+        if (stage, stage2) in self.pairs:
+            return self.pairs[(stage, stage2)]
+        if not self.stages:
+            return self.pair()
+        serial = self.at("F", stage) + self.at("B", stage2)
+        if self.FB is None or self.F + self.B == 0:
+            return serial
+        return serial * self.FB / (self.F + self.B)
+
+    def of(self, a: Action, stage: int = -1, stage2: int = -1) -> float:
+        """Cost of action `a`; `stage`/`stage2` = the model stages of its chunk/chunk2 (-1: per kind)."""
         if a.op == "FB":
-            return self.pair() - (self.W if a.bop == "I" else 0.0)
-        return {"F": self.F, "B": self.B, "I": self.I, "W": self.W}.get(a.op, 0.0)
+            return self.pair_at(stage, stage2) - (self.at("W", stage2) if a.bop == "I" else 0.0)
+        if a.op in ("F", "B", "I", "W"):
+            return self.at(a.op, stage)
+        return 0.0
 
     @classmethod
     def from_overlap(cls, f_compute: float, f_comm: float, b_compute: float, b_comm: float,
@@ -60,20 +88,59 @@ class Costs:
         return cls(F=f, I=b - w, W=w, FB=pair, latency=latency)
 
     @classmethod
-    def from_timeline(cls, timelines: list, latency: float = 0.0) -> "Costs":
+    def from_timeline(cls, timelines: list, latency: float = 0.0, placement=None,
+                      ranks: list[int] | None = None) -> "Costs":
         """Mean measured seconds per action kind from runtimes' `timeline`s (one per rank).
 
         W and I come from the measured W and I; without them a measured B is all I (W = 0). An
-        F&B pair whose backward is I-only is counted as if it had done its W too."""
-        spans: dict[str, list[float]] = {}
-        for timeline in timelines:
+        F&B pair whose backward is I-only is counted as if it had done its W too. With the
+        `placement` the timelines ran on, also the means per model stage (`stages`, `pairs`);
+        `ranks[i]` = the pipeline rank of `timelines[i]` (default: i)."""
+        ranks = list(range(len(timelines))) if ranks is None else ranks
+        assert len(ranks) == len(timelines), (len(ranks), len(timelines))
+        kind, stage, pair = {}, {}, {}
+        for r, timeline in zip(ranks, timelines):
             for a, t0, t1 in timeline:
-                spans.setdefault(a.op, []).append(t1 - t0)
-        mean = {op: sum(v) / len(v) for op, v in spans.items()}
-        w = mean.get("W", 0.0)
-        i = mean.get("I", mean.get("B", 0.0) - w)
-        pairs = [t1 - t0 + (w if a.bop == "I" else 0.0) for tl in timelines for a, t0, t1 in tl if a.op == "FB"]
-        return cls(F=mean.get("F", 0.0), I=i, W=w, FB=sum(pairs) / len(pairs) if pairs else None, latency=latency)
+                if a.op not in ("F", "B", "I", "W", "FB"):
+                    continue
+                kind.setdefault(a.op, []).append((a, t1 - t0))
+                if placement is None:
+                    continue
+                s = placement.stage_of(r, a.chunk)
+                if a.op == "FB":
+                    pair.setdefault((s, placement.stage_of(r, a.chunk2)), []).append((a, t1 - t0))
+                else:
+                    stage.setdefault(s, {}).setdefault(a.op, []).append((a, t1 - t0))
+        f, i, w = _kind_means(kind)
+        fb = _pair_mean(kind.get("FB", []), w)
+        out = cls(F=f, I=i, W=w, FB=fb, latency=latency)
+        for s, spans in sorted(stage.items()):
+            out.stages[(s, "F")], out.stages[(s, "I")], out.stages[(s, "W")] = _kind_means(spans, f, i, w)
+        for (s, s2), spans in sorted(pair.items()):
+            out.pairs[(s, s2)] = _pair_mean(spans, out.at("W", s2))
+        return out
+
+
+def _mean(spans: list) -> float:
+    return sum(t for _, t in spans) / len(spans)
+
+
+def _kind_means(spans: dict, f: float = 0.0, i: float = 0.0, w: float = 0.0) -> tuple:
+    """(F, I, W) from {op: [(action, seconds)]}; f, i, w = the values where nothing says more."""
+    w = _mean(spans["W"]) if "W" in spans else (w if "I" in spans else 0.0)
+    if "I" in spans:
+        i = _mean(spans["I"])
+    elif "B" in spans:
+        i = _mean(spans["B"]) - w
+    f = _mean(spans["F"]) if "F" in spans else f
+    return f, i, w
+
+
+def _pair_mean(spans: list, w: float) -> float | None:
+    """Mean full F&B pair: an I-only pair is counted as if it had done its W (`w`) too."""
+    if not spans:
+        return None
+    return sum(t + (w if a.bop == "I" else 0.0) for a, t in spans) / len(spans)
 
 
 @dataclass
@@ -130,7 +197,7 @@ def replay(schedule: Schedule, costs: Costs | None = None) -> Replay:
                         break  # blocked on the peer
                     taken[(a.peer, r)] = k + 1
                     start = max(start, times[k] + costs.latency)
-                end = start + costs.of(a)
+                end = start + costs.of(a, *_stages(schedule.placement, r, a))
                 out.spans[r].append((a, start, end))
                 clock[r] = end
                 ptr[r] += 1
@@ -139,6 +206,13 @@ def replay(schedule: Schedule, costs: Costs | None = None) -> Replay:
             stuck = {r: str(lists[r][ptr[r]]) for r in range(R) if ptr[r] < len(lists[r])}
             raise Deadlock(f"{schedule.name}: no rank can proceed; waiting at {stuck}")
     return out
+
+
+def _stages(place, r: int, a: Action) -> tuple[int, int]:
+    """The model stages of a compute action's chunk and chunk2 on rank r (-1 where none)."""
+    if a.op not in ("F", "B", "I", "W", "FB"):
+        return -1, -1
+    return place.stage_of(r, a.chunk), place.stage_of(r, a.chunk2) if a.op == "FB" else -1
 
 
 def summary_rows(rp: Replay) -> list[dict]:

@@ -53,3 +53,14 @@ def test_negative_latency_is_one_line_naming_the_flag(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--latency-ms = -5" in err[0], err
+
+
+def test_layout_flag_takes_block_counts_per_placement(capsys):
+    a = parse_args(["--model", "--layout", "1f1b=6,2", "dualpipev=1,3,3,1"])
+    assert a.layout == {"1f1b": [6, 2], "dualpipev": [1, 3, 3, 1]}
+    for bad, says in ((["dualpipev=4,4"], "2 stages, but the pipeline has 4"), (["zb1p=6,2"], "must be one of"),
+                      (["1f1b=6,3"], "sum to 9"), (["1f1b=a"], "block counts per stage")):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "--layout", *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--layout {bad[0]}" in err[0] and says in err[0], err

@@ -71,3 +71,44 @@ def test_costs_from_a_measured_timeline_are_means_per_action_kind():
     assert (c.F, c.I, c.W, c.FB, c.latency) == (3.0, 3.0, 1.0, 6.0, 0.5)
     one_f_one_b = Costs.from_timeline([[(F(0), 0.0, 1.0), (Action("B", 0, 0), 1.0, 3.0)]])
     assert (one_f_one_b.B, one_f_one_b.FB) == (2.0, None)
+
+
+def _measured(compute_lists, cost_of):
+    """A hand-built timeline per rank: its compute actions back to back, each `cost_of(rank, action)` long."""
+    out = []
+    for r, acts in enumerate(compute_lists):
+        t, tl = 0.0, []
+        for a in acts:
+            tl.append((a, t, t + cost_of(r, a)))
+            t += cost_of(r, a)
+        out.append(tl)
+    return out
+
+
+def test_per_stage_costs_make_the_step_follow_the_slow_stage():
+    # 1F1B, 2 ranks, 4 micro-batches; stage 1 (the head) costs 4x stage 0: F 1 -> 4, B 2 -> 8
+    s = build_schedule("1f1b", 2, 4)
+    slow = {0: 1.0, 1: 4.0}
+    timelines = _measured(s.compute, lambda r, a: slow[r] * (1.0 if a.op == "F" else 2.0))
+    per_stage = Costs.from_timeline(timelines, placement=s.placement)
+    assert (per_stage.at("F", 0), per_stage.at("B", 0), per_stage.at("F", 1), per_stage.at("B", 1)) == (1, 2, 4, 8)
+    assert (per_stage.F, per_stage.B) == (2.5, 5.0)  # the per-kind means are kept
+    assert Costs.from_timeline(timelines[::-1], placement=s.placement, ranks=[1, 0]).stages == per_stage.stages
+    # the head stage sets the pace: stage 0's first F, 4 x (F + B) of stage 1, stage 0's last B
+    assert replay(s, per_stage).makespan == pytest.approx(1 + 4 * (4 + 8) + 2)
+    # per kind, both stages cost the mean: (N + PP - 1)(F + B), well under the slow stage's pace
+    assert replay(s, Costs.from_timeline(timelines)).makespan == pytest.approx(5 * 7.5)
+
+
+def test_per_stage_costs_round_trip_through_a_timeline_with_pairs():
+    # costs per stage -> replay -> its spans as the measured timeline -> the same replay
+    s = build_schedule("dualpipev", 2, 6)
+    truth = Costs(F=1.0, I=1.0, W=0.5, FB=2.0, stages={(3, "F"): 4.0, (3, "I"): 4.0, (3, "W"): 2.0,
+                                                      (1, "F"): 1.5})
+    rp = replay(s, truth)
+    timelines = [[(a, t0, t1) for a, t0, t1 in spans if a.op not in ("SEND", "RECV")] for spans in rp.spans]
+    back = Costs.from_timeline(timelines, placement=s.placement)
+    assert back.at("F", 3) == 4.0 and back.at("B", 3) == 6.0 and back.at("F", 0) == 1.0
+    assert any(a.op == "FB" for tl in timelines for a, _, _ in tl) and back.pairs
+    assert replay(s, back).makespan == pytest.approx(rp.makespan)
+    assert replay(s, Costs.from_timeline(timelines)).makespan != pytest.approx(rp.makespan)
