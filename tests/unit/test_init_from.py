@@ -9,6 +9,7 @@ Bad input ends in one error line naming the fields. The shipped stage configs lo
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import pytest
@@ -85,8 +86,13 @@ def test_resume_wins_over_init_from(parent, tmp_path, caplog):
     cfg = _child(tmp_path, parent[0])
     run = _build(cfg)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    with caplog.at_level("INFO", logger="moepipe"):
-        init_from.start_stage(run, cfg, resumed=str(tmp_path / "checkpoints" / "step_00000002"))
+    log = logging.getLogger("moepipe")  # an earlier run's setup_logging may have stopped its propagation
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="moepipe"):
+            init_from.start_stage(run, cfg, resumed=str(tmp_path / "checkpoints" / "step_00000002"))
+    finally:
+        log.removeHandler(caplog.handler)
     assert "resume wins" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
 
