@@ -35,7 +35,8 @@ def data_name(dumps: list[str]) -> str:
     return name[:60]
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -47,7 +48,7 @@ def file_identity(path: str, with_hash: bool = True) -> dict:
     st = os.stat(path)
     ident = {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     if with_hash:
-        ident["sha256"] = _sha256(path)
+        ident["sha256"] = sha256_file(path)
     return ident
 
 
@@ -84,7 +85,7 @@ def _same_file(recorded: dict, path: str) -> bool:
     now = file_identity(path, with_hash=False)
     if (now["bytes"], now["mtime_ns"]) == (recorded.get("bytes"), recorded.get("mtime_ns")):
         return True
-    return now["bytes"] == recorded.get("bytes") and _sha256(path) == recorded.get("sha256")
+    return now["bytes"] == recorded.get("bytes") and sha256_file(path) == recorded.get("sha256")
 
 
 def changed_inputs(recorded: list[dict], dumps: list[str]) -> list[str]:

@@ -26,7 +26,6 @@ through torch's weights_only loader, so loading a checkpoint from elsewhere cann
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -45,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
+from data.identity import sha256_file
 from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
@@ -74,14 +74,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _to_plain(obj):
@@ -194,7 +186,7 @@ def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yam
         f.write(config_yaml)
         f.flush()
         os.fsync(f.fileno())
-    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
              for n in _files(tmp)}
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
@@ -339,7 +331,7 @@ def read_checkpoint(path: str) -> dict:
     files = _read_manifest(path, manifest_path)
     for name, meta in files.items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or _sha256(file) != meta["sha256"]:
+        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"{file}: size or checksum differs from manifest.json; the checkpoint is "
                                   "corrupt: delete it to resume from the previous one")
     try:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.identity import sha256_file
 from parallel import checkpoint as ckpt
 
 
@@ -61,7 +62,7 @@ def test_checkpoint_cannot_run_code(tmp_path):
     import json
     meta = json.load(open(manifest))
     meta["files"]["state.pt"] = {"bytes": os.path.getsize(os.path.join(victim, "state.pt")),
-                                 "sha256": ckpt._sha256(os.path.join(victim, "state.pt"))}
+                                 "sha256": sha256_file(os.path.join(victim, "state.pt"))}
     json.dump(meta, open(manifest, "w"))
     with pytest.raises(ckpt.CheckpointError, match="cannot be loaded safely"):
         ckpt.read_checkpoint(victim)
