@@ -54,14 +54,20 @@ def run(tmp_path_factory):
     return cfg, model, path, hf_dir, base
 
 
-def _our_logits(model, tokens):
+def _trunk(model, tokens):
+    """(batch, context, last hidden state) of the main model on one-document rows."""
     batch = make_batch(tokens.numpy(), [np.array([tokens.shape[1]], dtype=np.int32)] * tokens.shape[0],
                        torch.device("cpu"))
+    ctx = model.make_context(batch)
+    h = model.embed_tokens(batch)
+    for i in model.owned:
+        h = model.layers[str(i)](h, ctx)
+    return batch, ctx, h
+
+
+def _our_logits(model, tokens):
     with torch.no_grad():
-        ctx = model.make_context(batch)
-        h = model.embed_tokens(batch)
-        for i in model.owned:
-            h = model.layers[str(i)](h, ctx)
+        batch, ctx, h = _trunk(model, tokens)
         main = model.head(model.norm(h))
         mod = model.mtp[0]
         h1 = mod(h, model.embed(shift_tokens(batch.tokens, 1)), ctx)
@@ -330,14 +336,8 @@ def test_yarn_model_matches_transformers_beyond_the_original_context(tmp_path):
 
 
 def _main_logits(model, tokens):
-    batch = make_batch(tokens.numpy(), [np.array([tokens.shape[1]], dtype=np.int32)] * tokens.shape[0],
-                       torch.device("cpu"))
     with torch.no_grad():
-        ctx = model.make_context(batch)
-        h = model.embed_tokens(batch)
-        for i in model.owned:
-            h = model.layers[str(i)](h, ctx)
-        return model.head(model.norm(h))
+        return model.head(model.norm(_trunk(model, tokens)[2]))
 
 
 def test_export_without_mtp_holds_only_the_main_layers(run, tmp_path):
