@@ -88,11 +88,13 @@ class StageForward(nn.Module):
         if not self.has_head:
             raise RuntimeError("head_loss called on a stage built with head=False")
         ctx = self.make_context(batch) if ctx is None else ctx
-        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels)
+        # the logits are temporaries read only by the loss: their storage takes their gradient
+        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels, overwrite_logits=True)
         mtp_losses, h_prev = [], h_BLD
         for k, module in enumerate(self.mtp, start=1):
             h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
-            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k)))
+            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k),
+                                                  overwrite_logits=True))
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
         balance = ctx.balance_loss()
         loss = lm + self.cfg.mtp.loss_weight * mtp + balance

@@ -83,3 +83,20 @@ def test_gradcheck_fp64():
     logits, targets = _case(torch.float64, n=6, vocab=9, ignored_every=4)
     x = logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: TokenCrossEntropy.apply(t, targets), (x,))
+
+
+def test_overwrite_logits_gives_the_same_gradient_in_their_storage():
+    logits, targets = _case(torch.float32, n=100, vocab=3000)
+    leaf = logits.clone().requires_grad_()
+    token_cross_entropy(leaf * 1.0, targets).backward()
+    want = leaf.grad.clone()
+    leaf.grad = None
+    temp = leaf * 1.0
+    loss = token_cross_entropy(temp, targets, overwrite_logits=True)
+    loss.backward(retain_graph=True)
+    assert torch.equal(leaf.grad, want)
+    assert torch.equal(temp.detach(), want)   # the logits' storage now holds their gradient
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()                       # a second backward cannot read the logits any more
+    with pytest.raises(ValueError, match="overwrite_logits"):
+        token_cross_entropy(leaf, targets, overwrite_logits=True)
