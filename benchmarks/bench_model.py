@@ -6,8 +6,10 @@ recomputation policies, DeepSeek-V3 section 3.2.3), and torchtitan 0.3.0's DeepS
 (`benchmarks/torchtitan_peer.py`) at the same dimensions holding the same weights, copied by
 name. All run alternately in one process (the order flips every round) on the same batch (one
 document per row), so load from other processes hits them alike; the first losses are checked
-equal (1e-5 relative in fp32) and printed. The balance loss is off (moe.seq_aux_loss_alpha = 0):
-torchtitan has none. torchtitan's adaptations are printed with the table.
+equal (1e-5 relative in fp32) and printed. Each model computes its own loss (torchtitan: its
+cross_entropy_loss over fp32 logits / non-ignored targets; moepipe: model/loss.py). The balance
+loss is off (moe.seq_aux_loss_alpha = 0): torchtitan has none. torchtitan's adaptations are
+printed with the table.
 
 Columns: step ms (min and median over the rounds; wall clock, and the process's CPU time, which a
 core shared with other jobs inflates less), tokens/s (from the wall median), step memory and

@@ -3,7 +3,9 @@
 The peer of `bench_model.py`: the same MLA + DeepSeekMoE math (DeepSeek-V3 section 2.1) in
 another implementation, built from torchtitan's own config classes (`build_mla_moe_layers`),
 its weights copied by name from a moepipe model (`weight_map`), so both models compute the same
-loss on the same batch. The loss of both is moepipe's token cross-entropy on the logits.
+loss on the same batch. Each model is measured with its own loss: the peer's is torchtitan's
+`cross_entropy_loss` (F.cross_entropy over fp32 logits, summed) divided by the number of non-ignored
+targets, as its trainer normalises it; moepipe's is its token cross-entropy (`model/loss.py`).
 
 What the peer differs in, and how it is adapted (each line is printed with the benchmark's table,
 `adaptations`):
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.transformer import token_cross_entropy
+from model.batch import IGNORE
 
 
 def unavailable_reason() -> str | None:
@@ -51,8 +53,9 @@ def adaptations(device: torch.device, dtype: torch.dtype) -> list[str]:
                      "on CPU); exact here, one document per row")
     lines.append("torchtitan balancing: no sequence-wise balance loss, so moepipe runs with "
                  "moe.seq_aux_loss_alpha = 0; router bias copied (its update is an optimizer hook)")
-    lines.append("torchtitan RMSNorm eps set to moepipe's model.norm_eps; loss: moepipe's token cross-entropy "
-                 "on its logits")
+    lines.append("torchtitan RMSNorm eps set to moepipe's model.norm_eps")
+    lines.append("loss: each model its own; torchtitan's cross_entropy_loss (F.cross_entropy on fp32 logits, "
+                 "summed) / non-ignored targets, as its trainer normalises it")
     return lines
 
 
@@ -189,9 +192,13 @@ def build_titan(cfg, ours: nn.Module, device: torch.device, dtype: torch.dtype) 
 
 
 def titan_loss(titan: nn.Module, batch, device: torch.device) -> Tensor:
-    """Forward + moepipe's token cross-entropy (document mask through positions on CUDA only)."""
+    """Forward + torchtitan's cross-entropy, mean over non-ignored targets (document mask through
+    positions on CUDA only)."""
+    from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
+
+    assert IGNORE_INDEX == IGNORE, "both must skip the same targets"
     if device.type == "cuda":
         logits_BLV = titan(batch.tokens, batch.positions, titan.get_attention_masks(batch.positions))
     else:
         logits_BLV = titan(batch.tokens)
-    return token_cross_entropy(logits_BLV, batch.labels)
+    return cross_entropy_loss(logits_BLV, batch.labels) / (batch.labels != IGNORE_INDEX).sum()

@@ -21,14 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.batch import IGNORE, mtp_labels
+from model.batch import mtp_labels
 from model.block import Block
 from model.context import Context, make_context
 from model.init import init_weights
 from model.layers import RMSNorm, rope_tables
+from model.loss import token_cross_entropy
 from model.experts import LocalDispatcher
 from model.moe import MoE
 from model.mtp import MTPModule, shift_tokens
@@ -52,13 +52,6 @@ def moe_layer_names(cfg) -> list[str]:
         return []
     return [f"layers.{i}" for i in range(m.first_k_dense, m.num_layers)] + \
         [f"mtp.{k}.block" for k in range(cfg.mtp.depth)]
-
-
-def token_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
-    """Mean cross-entropy over non-ignored targets (0 when there are none), in fp32."""
-    total = F.cross_entropy(logits_BLV.flatten(0, 1).float(), targets_BL.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total / (targets_BL != IGNORE).sum().clamp(min=1)
 
 
 def needs_embedding(cfg, embed: bool, head: bool) -> bool:
@@ -95,11 +88,13 @@ class StageForward(nn.Module):
         if not self.has_head:
             raise RuntimeError("head_loss called on a stage built with head=False")
         ctx = self.make_context(batch) if ctx is None else ctx
-        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels)
+        # the logits are temporaries read only by the loss: their storage takes their gradient
+        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels, overwrite_logits=True)
         mtp_losses, h_prev = [], h_BLD
         for k, module in enumerate(self.mtp, start=1):
             h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
-            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k)))
+            mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k),
+                                                  overwrite_logits=True))
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
         balance = ctx.balance_loss()
         loss = lm + self.cfg.mtp.loss_weight * mtp + balance
