@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.block import Block
 from parallel.compile import check_compile_platform
 from parallel.recompute import apply_recompute, blocks_of
 
@@ -66,34 +65,45 @@ def apply_stage_compile(model: nn.Module, device: torch.device, backend: str = "
     return compiled
 
 
-def describe_paths(model: nn.Module, recompute: str, compile: bool) -> dict[str, str]:
-    """{layer type: the recompute and compile path it took} for the blocks of `model`."""
-    kinds = {}
-    for name, block in blocks_of(model):
-        kind = ("MTP " if name.startswith("mtp.") else "") + ("MoE block" if block.is_moe else "dense block")
-        kinds.setdefault(kind, block)
-    out = {kind: f"recompute: {_recompute_path(kind, block, recompute)}; compile: {_compile_path(block, compile)}"
-           for kind, block in kinds.items()}
+def layer_kinds(cfg) -> dict[str, bool]:
+    """{layer type of the whole model: whether it is an MoE block}, for every type it has."""
+    m, moe = cfg.model, cfg.model.first_k_dense < cfg.model.num_layers
+    kinds = {"dense block": False} if m.first_k_dense > 0 else {}
+    if moe:
+        kinds["MoE block"] = True
+    if cfg.mtp.depth > 0:
+        kinds["MTP MoE block" if moe else "MTP dense block"] = moe
+    return kinds
+
+
+def describe_paths(cfg, split_w: bool = False) -> dict[str, str]:
+    """{layer type: the recompute and compile path it takes on every pipeline rank}; `split_w`:
+    the schedule defers weight gradients (its deferrable linears run eagerly between graphs)."""
+    recompute, compile = cfg.train.recompute, cfg.train.compile
+    eager_linears = "; linears eager between graphs (their dW is deferred to W)" if compile and split_w else ""
+    out = {kind: f"recompute: {_recompute_path(kind, is_moe, recompute)}; "
+                 f"compile: {_compile_path(is_moe, compile)}{eager_linears}"
+           for kind, is_moe in layer_kinds(cfg).items()}
     out["embedding, head, losses"] = "recompute: none; compile: eager"
     return out
 
 
-def _recompute_path(kind: str, block: Block, mode: str) -> str:
+def _recompute_path(kind: str, is_moe: bool, mode: str) -> str:
     if mode == "none":
         return "none"
     if mode == "selective":
         return "selective (RMSNorm, wq_b/wkv_b, SwiGLU activation checkpointed)"
     if kind.startswith("MTP"):
         return "none (MTP blocks run inside the head stage's loss piece)"
-    if block.is_moe:
+    if is_moe:
         return "full, per piece (attention + router, routed experts, shared experts; exchanges not rerun)"
     return "full (whole block)"
 
 
-def _compile_path(block: Block, compile: bool) -> str:
+def _compile_path(is_moe: bool, compile: bool) -> str:
     if not compile:
         return EAGER
-    if not block.is_moe:
+    if not is_moe:
         return "compiled (whole block)"
     return ("compiled per piece (attention + router, routed experts, shared experts); "
             "dispatch, combine, load bookkeeping eager")

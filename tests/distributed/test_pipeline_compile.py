@@ -10,7 +10,7 @@ import torch
 import parallel.pipeline.split as split
 from model.batch import make_batch
 from parallel.pipeline.model_stage import build_union_chunks
-from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
+from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute
 from parallel.pipeline.runtime import PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
 from tests.distributed.spawn import run_ranks
@@ -45,7 +45,7 @@ def _train(rank, world, compile: bool, recompute: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses += [o.lm_loss.item() for _, o in results] + [o.mtp_loss.item() for _, o in results]
-    return losses, compiled, describe_paths(model, recompute, compile)
+    return losses, compiled
 
 
 def _rank(rank, world):
@@ -71,5 +71,4 @@ def test_compiled_pipeline_pieces_equal_eager_over_three_steps():
         assert compiled_w == eager_w > 0, rank       # W still got the weight gradients
         moe = "layers.1" if rank == 0 else "layers.3"
         assert f"{moe}.attention" in compiled[1] and f"{moe}.ffn.experts" in compiled[1]
-        assert "compiled per piece" in compiled[2]["MoE block"] and "selective" in compiled[2]["MoE block"]
-        assert compiled[2]["embedding, head, losses"].endswith("eager")
+
