@@ -2,8 +2,8 @@
 compiled, with selective recomputation, train 3 steps to the losses of the eager pipeline
 (within 1e-5 relative), and ZB1P still defers weight gradients to its W actions (a traced
 backward would compute them in I). The test compiles with backend "aot_eager" (dynamo + AOT
-autograd, no code generation): inductor's C++ compile of the pieces takes minutes on a shared
-CPU; the graphs it would compile are the same."""
+autograd, no code generation, the same graphs): with inductor this run gave the same losses
+(within 1e-7 relative) but took about 2 minutes of C++ compilation per rank on a shared CPU."""
 import pytest
 import torch
 
