@@ -6,15 +6,16 @@ only ever touch compute, so neither can re-issue or trace an all-to-all:
 
 - recompute "selective" checkpoints leaf compute (every RMSNorm, the MLA up-projections
   `wq_b` / `wkv_b`, the SwiGLU activations: `parallel.recompute`), which never communicates:
-  it applies to the rank's model as to a single-process one. Non-reentrant checkpointing keeps
-  one recomputation per backward pass through a region, so it holds for the pipeline's
-  piecewise backward, for overlapped F&B pairs and for ZB1P's split backward (the recomputed
-  input of a deferrable linear is what its deferred weight gradient uses). "full" is the
-  chunks' piecewise recomputation (`model_stage.build_union_chunks`).
+  it applies to the rank's model as to a single-process one. Each checkpointed region lies
+  inside one piece and runs no step generator, so the piecewise backward (also of an
+  overlapped F&B pair) passes through it once and recomputes it once; under ZB1P's split
+  backward the recomputed input of a deferrable linear is what its deferred weight gradient
+  uses at W. "full" is the chunks' piecewise recomputation (`model_stage.build_union_chunks`).
 - compile wraps the compute methods of every block in place with `torch.compile` (as torchtitan
   compiles per block; here per piece): a dense block whole, an MoE block's `attention` step,
   its router, routed experts and shared experts. Dispatch, combine and the expert-load
-  bookkeeping stay eager between them, and so do the embedding, the head and the losses. Layer
+  bookkeeping stay eager between them, and so do the embedding, the head and the losses; so do
+  the linears whose weight gradient is deferred (`split.DeferrableLinear`). Layer
   indices are traced as dynamic ints, so all layers share one graph per piece
   (`parallel.compile`).
 
