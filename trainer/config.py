@@ -82,7 +82,8 @@ class TrainConfig:
     output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
     on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing; one error line naming the parameter, exit 2) or skip (drop the step; halt as above after max_nan_skips).")
     max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
-    compile: bool = doc(False, "torch.compile each transformer block (one graph per block, shared by all layers).")
+    compile: bool = doc(False, "torch.compile each transformer block (one graph per block, shared by all layers; "
+                                "under a pipeline, each block's compute pieces).")
     recompute: str = doc("none", "Activation recomputation: none, selective (RMSNorm, MLA up-projections, "
                                  "SwiGLU activation; DeepSeek-V3 section 3.2.3) or full (whole blocks).")
 

@@ -29,11 +29,6 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     Raises ValueError naming the fields when the layout cannot run this config."""
     make_context = forward_context(device, autocast_dtype, fp8_context)
     if topology.pp > 1:
-        if cfg.train.compile or cfg.train.recompute == "selective":
-            raise ValueError(f"train.compile = {cfg.train.compile}, train.recompute = {cfg.train.recompute!r}: "
-                             "pipeline stages (parallel.pp > 1) support recompute none or full (whole pieces, "
-                             "never an all-to-all) and no compile yet; set train.compile=false and "
-                             "train.recompute=full or none")
         return build_pipeline_engine(cfg, topology, device, provider, make_context)
     model = build_model(cfg, provider=provider).to(device)
     if topology.world_size == 1:

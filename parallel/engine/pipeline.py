@@ -40,6 +40,7 @@ from parallel.pipeline.forward_only import forward_in_stage_order
 from parallel.pipeline.layout import describe_layout
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_layout, ranks_of_stages
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
+from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
 from parallel.pipeline.schedules import Schedule, build_schedule
 from parallel.steps import in_context
@@ -175,6 +176,17 @@ def pipeline_schedule(cfg, topology: Topology) -> Schedule:
     return schedule
 
 
+def apply_stage_policies(model: nn.Module, cfg, device: torch.device, split_w: bool) -> None:
+    """`train.recompute` (selective; full is the chunks') and `train.compile` on the rank's
+    model, after its experts are sharded; logs the path each layer type took (`split_w`: the
+    linears defer their weight gradients)."""
+    apply_stage_recompute(model, cfg.train.recompute)
+    if cfg.train.compile:
+        apply_stage_compile(model, device)
+    for kind, path in describe_paths(cfg, split_w).items():
+        log.info("pipeline %s: %s", kind, path)
+
+
 def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provider: LayerProvider | None,
                           make_context: ForwardContext) -> PipelineEngine:
     """Union model, chunks, ZeRO-1 and the runtime of a pp > 1 rank."""
@@ -194,6 +206,7 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
         node_limited = cfg.parallel.node_limited_dispatch
         dispatcher = (parallelize_experts(model, topology, node_limited=node_limited) if model.moe_modules()
                       else AllToAllDispatcher(cfg.moe.num_experts, topology, node_limited))
+    apply_stage_policies(model, cfg, device, split_w=has_w and provider is None)
     zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology))
     runtime = PipelineRuntime(schedule, topology.pp_rank, [TrainChunk(c, make_context) for c in chunks],
                               group_ranks=topology.ranks("pp"), group=topology.group("pp"), device=device,

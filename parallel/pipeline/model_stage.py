@@ -12,7 +12,8 @@ A chunk builds its own per-micro-batch context; a stage without the head back-pr
 MoE balance losses as the chunk's `aux` (model.context) and reports its expert loads, which the
 caller sums with the head stage's for the bias update. `ModelChunk` runs the stage's forward in
 one piece, or piece by piece (`pieces.stage_steps`) under activation recomputation
-(`train.recompute: full`); `overlap.OverlapModelChunk` always runs it in pieces.
+(`train.recompute: full`); `overlap.OverlapModelChunk` always runs it in pieces. Selective
+recomputation and compile act on the modules themselves (`policies.py`), so every chunk runs them.
 """
 from __future__ import annotations
 

@@ -5,11 +5,14 @@ the ones training runs (`build_union_chunks`: one model per rank, a stage of it 
 Kept small for CI time: all four schedules at pp = 2 (4 micro-batches); at pp = 4 only the
 two-chunk schedules (DualPipe, DualPipeV: cross-rank hand-offs in both directions, the V turn,
 two model copies) with their minimum 8 micro-batches; 1F1B/ZB1P at pp = 4 are covered by the
-toy-model test. 8 blocks so that DualPipeV at pp = 4 has one block per stage."""
+toy-model test. 8 blocks so that DualPipeV at pp = 4 has one block per stage. Selective
+recomputation (checkpointed norms, up-projections and SwiGLU activations) gives the gradients of
+none under 1F1B, ZB1P's split backward and DualPipeV at pp = 2."""
 import pytest
 import torch
 
 from parallel.pipeline.model_stage import build_union_chunks
+from parallel.pipeline.policies import apply_stage_recompute
 from parallel.pipeline.runtime import PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import build_schedule
 from tests.distributed.spawn import run_ranks
@@ -23,8 +26,8 @@ NAMES = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg():
-    return load_config(None, ["model.vocab_size=64", "model.max_seq_len=8", "data.seq_len=8",
+def _cfg(recompute="none"):
+    return load_config(None, [f"train.recompute={recompute}", "model.vocab_size=64", "model.max_seq_len=8", "data.seq_len=8",
                               "model.num_layers=8", "model.hidden_size=16", "model.dense_ffn_size=16",
                               "moe.expert_ffn_size=8", "attention.num_heads=2", "moe.seq_aux_loss_alpha=0.01"])
 
@@ -44,10 +47,12 @@ def _reference(n):
 
 
 def _rank(rank, world, n, names):
-    cfg, out = _cfg(), {}
-    for name in names:
-        s = build_schedule(name, world, n)
-        _, chunks = build_union_chunks(cfg, s, rank, _batches(n), split_w=name in ("zb1p", "dualpipev"))
+    out = {}
+    for run in names:
+        name, _, recompute = run.partition(":")
+        cfg, s = _cfg(recompute or "none"), build_schedule(name, world, n)
+        model, chunks = build_union_chunks(cfg, s, rank, _batches(n), split_w=name in ("zb1p", "dualpipev"))
+        assert bool(apply_stage_recompute(model, cfg.train.recompute)) == (recompute == "selective")
         rt = PipelineRuntime(s, rank, chunks)
         results = rt.run()
         reduce_shared_grads(chunks, rank, world)
@@ -58,7 +63,7 @@ def _rank(rank, world, n, names):
         grads = {k: p.grad.detach().numpy().copy() for ch in chunks for k, p in ch.named_parameters()
                  if p.grad is not None}
         copies = s.placement.copies
-        out[name] = (losses, grads, (counts / copies).numpy().copy())
+        out[run] = (losses, grads, (counts / copies).numpy().copy())
     return out
 
 
@@ -78,11 +83,23 @@ def _check(results, n, names):
         for k, v in grads.items():
             torch.testing.assert_close(v, ref_grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
         # DualPipe's counts are halved per copy above; both directions saw disjoint micro-batches
-        torch.testing.assert_close(counts * (2 if name == "dualpipe" else 1), ref_counts)
+        torch.testing.assert_close(counts * (2 if name.split(":")[0] == "dualpipe" else 1), ref_counts)
+
+
+def _grads_of(results, run):
+    return {k: v for per_rank in results for k, v in per_rank[run][1].items()}
 
 
 def test_model_pipeline_pp2():
-    _check(run_ranks(_rank, 2, 4, NAMES, timeout=120), 4, NAMES)
+    selective = ["1f1b:selective", "zb1p:selective", "dualpipev:selective"]
+    results = run_ranks(_rank, 2, 4, NAMES + selective, timeout=180)
+    _check(results, 4, NAMES + selective)
+    for run in selective:  # and the gradients of no recomputation, parameter by parameter
+        got, ref = _grads_of(results, run), _grads_of(results, run.split(":")[0])
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(torch.from_numpy(got[k]), torch.from_numpy(ref[k]), rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"{run} {k}: {m}")
 
 
 def test_model_pipeline_pp4_dualpipe_dualpipev():

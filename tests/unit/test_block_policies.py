@@ -7,6 +7,7 @@ from model.batch import make_batch
 from model.experts import LocalDispatcher
 from model.transformer import build_model
 from parallel.compile import apply_compile
+from parallel.pipeline.policies import describe_paths
 from parallel.recompute import apply_recompute
 from trainer.config import ConfigError, load_config
 
@@ -114,3 +115,15 @@ def test_compiled_blocks_with_selective_recompute_equal_eager_over_three_steps()
     for a, b in zip(compiled, eager):
         assert abs(a - b) <= 1e-5 * abs(b)
     assert counters["stats"]["unique_graphs"] > 0   # the blocks did run compiled
+
+
+def test_pipeline_names_the_path_of_every_layer_type():
+    cfg = load_config(None, ["train.recompute=full", "train.compile=true", "model.num_layers=3",
+                             "model.first_k_dense=1", "mtp.depth=1"])
+    paths = describe_paths(cfg, split_w=True)
+    assert set(paths) == {"dense block", "MoE block", "MTP MoE block", "embedding, head, losses"}
+    assert paths["dense block"].startswith("recompute: full (whole block); compile: compiled (whole block)")
+    assert "full, per piece" in paths["MoE block"] and "compiled per piece" in paths["MoE block"]
+    assert paths["MoE block"].endswith("linears eager between graphs (their dW is deferred to W)")
+    assert paths["MTP MoE block"].startswith("recompute: none (MTP blocks")   # not silently "full"
+    assert paths["embedding, head, losses"].endswith("compile: eager")
