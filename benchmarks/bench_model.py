@@ -23,7 +23,8 @@ Sizes: tiny = configs/tiny.yaml without MTP; medium = hidden 512, 8 layers (1 de
 q/kv rank 128/64, nope/rope/v 32/16/32, 16 experts top-4 + 1 shared, expert ffn 256, dense ffn
 1024, vocab 8192, 4 x 512 tokens; b1 (CUDA, bf16) = about 1.4B activated parameters: hidden 2048,
 16 layers (1 dense), 16 heads, q/kv rank 768/512, nope/rope/v 128/64/128, 64 experts top-6 + 2
-shared, expert ffn 1408, vocab 32768, 2 x 4096 tokens.
+shared, expert ffn 1408, vocab 32768, 2 x 4096 tokens. medium-2k / medium-4k = medium on one row of 2048 / 4096 tokens
+(attention memory at L and 2L: no L x L tensor on moepipe's path).
 
     python benchmarks/bench_model.py --size tiny medium [--rounds 10] [--models moepipe torchtitan]
         [--device cpu|cuda] [--dtype fp32|bf16] [--no-memory] [--out DIR]
@@ -66,6 +67,9 @@ B1 = ["model.hidden_size=2048", "model.num_layers=16", "model.first_k_dense=1", 
 COMMON = ["mtp.depth=0", "moe.seq_aux_loss_alpha=0"]
 SIZES = {"tiny": (os.path.join(ROOT, "configs", "tiny.yaml"), COMMON),
          "medium": (None, MEDIUM + COMMON), "b1": (None, B1 + COMMON),
+         # the medium model on one long row: attention memory at L and 2L
+         **{f"medium-{k}k": (None, MEDIUM + COMMON + [f"model.max_seq_len={1024 * k}", f"data.seq_len={1024 * k}",
+                                                      "train.micro_batch_size=1"]) for k in (2, 4)},
          "micro": (os.path.join(ROOT, "configs", "tiny.yaml"),   # plumbing checks only
                    COMMON + ["model.num_layers=2", "data.seq_len=32", "train.micro_batch_size=2"])}
 MODELS = ("moepipe", "moepipe-loop", "moepipe+selective", "moepipe+full", "torchtitan")
