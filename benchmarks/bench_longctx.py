@@ -43,6 +43,10 @@ STAGES = ("tiny_256", "tiny_1024", "tiny_2048")
 ORIGINAL = 256
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# Two-digit keys: mostly one token each, so that retrieval is one attention hop (find the key, copy
+# it). A four-digit key is several tokens, copied in order only by induction heads, which the
+# 2-layer miniature did not form in 1,500 steps (its loss on a repeated text stayed that of the text).
+KEYS = (10, 100)
 BUCKET = 128
 CURVE_POINTS = 5  # base checkpoints whose passkey accuracy at 1x is measured
 
@@ -59,37 +63,15 @@ def passkey_prompt(n_sentences: int, depth: float, key: int) -> str:
             "What is the pass key? The pass key is").strip()
 
 
-def copy_text(rng, words: list[str], n: int) -> str:
-    """`n` random words, then the same words again: every token of the repeat is predictable by
-    copying from n words back, the skill passkey retrieval needs, with far more such tokens per document."""
-    seq = " ".join(rng.choice(words, n))
-    return f"{seq}. Once more: {seq}."
-
-
-def common_words(n: int = 1000) -> list[str]:
-    """The `n` most frequent lowercase words of the KJV text that training reads."""
-    counts: dict[str, int] = {}
-    for doc in read_dump("bible:kjv", max_mb=1.0):
-        for w in doc.text.split():
-            if w.isalpha() and w.islower():
-                counts[w] = counts.get(w, 0) + 1
-    return sorted(counts, key=lambda w: -counts[w])[:n]
-
-
-def write_passkey_dump(path: str, n_short: int, n_long: int, n_copy: int = 0, seed: int = 0) -> None:
-    """Short passkey documents (~75-250 tokens: learnable at 256), long ones (~280-2000 tokens) and
-    copy documents (10-110 random words twice, ~40-250 tokens), shuffled."""
+def write_passkey_dump(path: str, n_short: int, n_long: int, seed: int = 0) -> None:
+    """Short documents (~60-240 tokens: learnable at 256) and long ones (~250-2000 tokens), shuffled."""
     rng = np.random.default_rng(seed)
     sizes = list(rng.integers(8, 46, n_short)) + list(rng.integers(50, 420, n_long))
-    texts = []
-    for n in sizes:
-        key = int(rng.integers(1000, 10000))
-        texts.append(passkey_prompt(int(n), float(rng.random()), key) + f" {key}.")
-    words = common_words() if n_copy else []
-    texts += [copy_text(rng, words, int(n)) for n in rng.integers(10, 110, n_copy)]
-    rng.shuffle(texts)
+    rng.shuffle(sizes)
     with open(path, "w", encoding="utf-8") as f:
-        for text in texts:
+        for n in sizes:
+            key = int(rng.integers(*KEYS))
+            text = passkey_prompt(int(n), float(rng.random()), key) + f" {key}."
             f.write(json.dumps({"text": text}) + "\n")
 
 
@@ -100,7 +82,7 @@ def passkey_cases(tok, length: int, trials: int, seed: int):
     cases = []
     for depth in DEPTHS:
         for _ in range(trials):
-            key = int(rng.integers(1000, 10000))
+            key = int(rng.integers(*KEYS))
             answer = tok.encode([f" {key}"])[0]
             n = int((length - 30) / per_sentence)
             while True:
@@ -156,14 +138,17 @@ def loss_by_position(model, docs: np.ndarray, batch: int = 4) -> np.ndarray:
 
 
 @torch.no_grad()
-def passkey_accuracy(model, cases) -> dict:
-    """{depth: fraction of prompts whose every answer token is the argmax}."""
+def passkey_scores(model, cases) -> tuple[dict, dict]:
+    """({depth: fraction of prompts whose every answer token is the argmax},
+    {depth: mean loss of the answer tokens}): the loss is a measure that needs the distant key."""
     hits: dict[float, list[bool]] = {}
+    losses: dict[float, list[float]] = {}
     for depth, ids, start, answer in cases:
-        x = torch.tensor([ids])
-        pred = logits_of(model, x)[0, start - 1:start - 1 + len(answer)].argmax(-1).tolist()
-        hits.setdefault(depth, []).append(pred == answer)
-    return {d: float(np.mean(v)) for d, v in hits.items()}
+        logits = logits_of(model, torch.tensor([ids]))[0, start - 1:start - 1 + len(answer)]
+        hits.setdefault(depth, []).append(logits.argmax(-1).tolist() == answer)
+        losses.setdefault(depth, []).append(
+            torch.nn.functional.cross_entropy(logits, torch.tensor(answer)).item())
+    return ({d: float(np.mean(v)) for d, v in hits.items()}, {d: float(np.mean(v)) for d, v in losses.items()})
 
 
 def held_out_docs(tok, length: int) -> list[list[int]]:
@@ -180,13 +165,6 @@ def held_out_docs(tok, length: int) -> list[list[int]]:
 def held_out_rows(tok, length: int, n: int) -> np.ndarray:
     """First `length` tokens of `n` held-out documents."""
     return np.asarray([d[:length] for d in held_out_docs(tok, length)[:n]], dtype=np.int64)
-
-
-def repeat_rows(tok, half: int, n: int) -> np.ndarray:
-    """Rows of 2 x `half` tokens: `half` held-out tokens, then the same tokens again. The loss on
-    the second half depends on attending `half` positions back (copying), unlike natural text."""
-    rows = held_out_rows(tok, half, n)
-    return np.concatenate([rows, rows], axis=1)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -248,13 +226,6 @@ def main() -> int:
     return evaluate(args, work, sets, tok, reports, seconds)
 
 
-def copy_loss(model, rows: np.ndarray) -> float:
-    """Mean loss on the repeated half of `repeat_rows` rows (its first token, which nothing
-    before it announces, left out)."""
-    half = rows.shape[1] // 2
-    return float(loss_by_position(model, rows)[half:].mean())
-
-
 def evaluate(args, work, sets, tok, reports, seconds) -> int:
     runs = os.path.join(work, "runs")
     final = {s: ckpt.latest_checkpoint(os.path.join(runs, s, "checkpoints")) for s in STAGES}
@@ -268,20 +239,19 @@ def evaluate(args, work, sets, tok, reports, seconds) -> int:
     }
     lengths = (ORIGINAL, 2 * ORIGINAL, 4 * ORIGINAL)
     docs = np.asarray([d[:4 * ORIGINAL] for d in held_out_docs(tok, 4 * ORIGINAL)[:args.held_out]], dtype=np.int64)
-    copies = {L: np.concatenate([docs[:, :L // 2], docs[:, :L // 2]], axis=1) for L in lengths}
     cases = {L: passkey_cases(tok, L, args.trials, seed=L) for L in lengths}
     curve = {}
     for path in ckpt.list_checkpoints(os.path.join(runs, STAGES[0], "checkpoints")):
         model = load_model(base_cfg, sets, path)
-        curve[ckpt.step_of(path)] = float(np.mean(list(passkey_accuracy(model, cases[ORIGINAL]).values())))
+        curve[ckpt.step_of(path)] = float(np.mean(list(passkey_scores(model, cases[ORIGINAL])[0].values())))
     print(f"base passkey accuracy at 1x by step: {curve}", flush=True)
     results = {}
     for name, (config, extra, path) in models.items():
         model = load_model(config, sets + extra, path)
+        scores = {L: passkey_scores(model, cases[L]) for L in lengths}
         results[name] = {"loss_by_position": loss_by_position(model, docs).tolist(),
-                         "copy_by_position": loss_by_position(model, copies[4 * ORIGINAL]).tolist(),
-                         "copy_loss": {L: copy_loss(model, copies[L]) for L in lengths},
-                         "passkey": {L: passkey_accuracy(model, cases[L]) for L in lengths}}
+                         "passkey": {L: acc for L, (acc, _) in scores.items()},
+                         "answer_loss": {L: loss for L, (_, loss) in scores.items()}}
         print(f"evaluated {name}", flush=True)
     summary = {"seconds": seconds, "held_out_rows": len(docs), "trials": args.trials, "results": results,
                "base_curve": curve,
@@ -321,15 +291,11 @@ def tables(s: dict) -> str:
     out = [f"loss by position on {s['held_out_rows']} held-out documents of {n} tokens (original context "
            f"{ORIGINAL}); beyond/inside = mean loss at positions >= {ORIGINAL} / mean loss < {ORIGINAL}", ""]
     out += loss_table(s, "loss_by_position")
-    out += ["", f"the same documents' first {n // 2} tokens followed by themselves: the second half "
-            f"(positions {n // 2}-{n - 1}) is predictable by copying from {n // 2} positions back", ""]
-    out += loss_table(s, "copy_by_position")
-    out += ["", "copy loss: mean loss on the repeated half of rows of L tokens (L/2 held-out tokens twice; "
-            "copy distance L/2)", "",
+    out += ["", "passkey answer loss (mean loss of the answer tokens; needs the key, far back in the prompt)", "",
             "| model | " + " | ".join(f"L={L} ({int(L) // ORIGINAL}x)" for L in lengths) + " | 4x/1x |",
             "|---|" + "---|" * (len(lengths) + 1)]
     for name, r in s["results"].items():
-        c = list(r["copy_loss"].values())
+        c = [np.mean(list(per.values())) for per in r["answer_loss"].values()]
         out.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in c) + f" | {c[-1] / c[0]:.2f} |")
     out += ["", f"passkey accuracy ({s['trials']} prompts per depth; correct when every answer token is the "
             "argmax); per depth " + ", ".join(str(d) for d in DEPTHS), "",
@@ -353,25 +319,24 @@ def plot(s: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for ax, key, title in ((axes[0], "loss_by_position", "held-out text"),
-                           (axes[1], "copy_by_position", "held-out text, then repeated")):
-        for name, r in s["results"].items():
-            means = bucket_means(r[key])
-            ax.plot([BUCKET * (i + 0.5) for i in range(len(means))], means, marker="o", label=name)
-        ax.axvline(ORIGINAL, color="gray", ls="--")
-        ax.set(xlabel="position", ylabel="loss", title=f"{title}: loss by position (original context {ORIGINAL})")
-        ax.legend(fontsize=8)
-    b = axes[2]
+    fig, (a, l, b) = plt.subplots(1, 3, figsize=(17, 4.5))
     names = list(s["results"])
     width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        per = s["results"][name]["passkey"]
-        xs = np.arange(len(per)) + k * width
-        b.bar(xs, [np.mean(list(v.values())) for v in per.values()], width, label=name)
-    b.set_xticks(np.arange(len(per)) + 0.4 - width / 2, [f"{L} ({int(L) // ORIGINAL}x)" for L in per])
-    b.set(ylabel="passkey accuracy", title="passkey retrieval by length", ylim=(0, 1.05))
-    b.legend(fontsize=8)
+    for name, r in s["results"].items():
+        means = bucket_means(r["loss_by_position"])
+        a.plot([BUCKET * (i + 0.5) for i in range(len(means))], means, marker="o", label=name)
+    a.axvline(ORIGINAL, color="gray", ls="--")
+    a.set(xlabel="position", ylabel="loss", title=f"held-out text: loss by position (original context {ORIGINAL})")
+    a.legend(fontsize=8)
+    for ax, key, label in ((l, "answer_loss", "passkey answer loss"), (b, "passkey", "passkey accuracy")):
+        for k, name in enumerate(names):
+            per = s["results"][name][key]
+            ax.bar(np.arange(len(per)) + k * width, [np.mean(list(v.values())) for v in per.values()], width,
+                   label=name)
+        ax.set_xticks(np.arange(len(per)) + 0.4 - width / 2, [f"{L} ({int(L) // ORIGINAL}x)" for L in per])
+        ax.set(ylabel=label, title=f"{label} by prompt length")
+        ax.legend(fontsize=8)
+    b.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

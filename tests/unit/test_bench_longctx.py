@@ -28,13 +28,3 @@ def test_passkey_dump_has_short_and_long_documents(tmp_path):
         key = t.rsplit(" ", 1)[1].rstrip(".")
         assert f"The pass key is {key}. Remember it." in t
 
-
-def test_copy_documents_repeat_their_words(tmp_path):
-    path = tmp_path / "synthetic.jsonl"
-    bench.write_passkey_dump(str(path), n_short=3, n_long=0, n_copy=6)
-    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    copies = [t for t in texts if "pass key" not in t]
-    assert len(texts) == 9 and len(copies) == 6
-    for t in copies:
-        first, second = t[:-1].split(". Once more: ")
-        assert first == second and 10 <= len(first.split()) < 110
