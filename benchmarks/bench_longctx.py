@@ -344,7 +344,6 @@ def plot(s: dict, path: str) -> None:
         a.plot([BUCKET * (i + 0.5) for i in range(len(means))], means, marker="o", label=name)
     a.axvline(ORIGINAL, color="gray", ls="--")
     a.set(xlabel="position", ylabel="loss", title=f"held-out text: loss by position (original context {ORIGINAL})")
-    a.legend(fontsize=8)
     for ax, key, label in ((l, "answer_loss", "passkey answer loss"), (b, "passkey", "passkey accuracy")):
         for k, name in enumerate(names):
             per = s["results"][name][key]
@@ -352,9 +351,9 @@ def plot(s: dict, path: str) -> None:
                    label=name)
         ax.set_xticks(np.arange(len(per)) + 0.4 - width / 2, [f"{L} ({int(L) // ORIGINAL}x)" for L in per])
         ax.set(ylabel=label, title=f"{label} by prompt length")
-        ax.legend(fontsize=8)
     b.set_ylim(0, 1.05)
-    fig.tight_layout()
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
 
 
