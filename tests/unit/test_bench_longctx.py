@@ -27,3 +27,4 @@ def test_passkey_dump_has_short_and_long_documents(tmp_path):
     for t in texts:
         key = t.rsplit(" ", 1)[1].rstrip(".")
         assert f"The pass key is {key}. Remember it." in t
+
