@@ -5,7 +5,8 @@
 # goes to OUT_DIR, and OUT_DIR/summary.txt has one line per step with its exit code and seconds.
 #   1. the CUDA test subset: grouped experts (bf16, no host sync), flex vs dense attention
 #      (forward and gradients), compile and recompute, FP8 backends;
-#   2. benchmarks/bench_model.py on CUDA in bf16 (the ~1B-activated size and medium), moepipe
+#   2. benchmarks/bench_model.py on CUDA in bf16 (the ~1B-activated size, medium, and medium on one
+#      row of 2048 and 4096 tokens: attention memory at L and 2L), moepipe
 #      against torchtitan's DeepSeek-V3 model when torchtitan travels as a wheel (else moepipe
 #      rows only, the reason printed with the table);
 #   3. benchmarks/bench_fp8.py --quick.
@@ -46,7 +47,7 @@ else
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     step tests 150 python -m pytest -q -p no:cacheprovider tests/unit/test_moe.py tests/unit/test_attention_paths.py \
         tests/unit/test_block_policies.py tests/unit/test_fp8_backends.py tests/unit/test_fp8_emulate.py
-    step bench_model 170 python benchmarks/bench_model.py --size b1 medium --rounds 4 --out "$OUT"
+    step bench_model 200 python benchmarks/bench_model.py --size b1 medium medium-2k medium-4k --rounds 4 --out "$OUT"
     step bench_fp8 140 python benchmarks/bench_fp8.py --quick
 fi
 cp "$OUT/bench_fp8.log" "$OUT/bench_fp8.md" 2>/dev/null
