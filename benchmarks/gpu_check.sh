@@ -47,7 +47,7 @@ else
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     step tests 150 python -m pytest -q -p no:cacheprovider tests/unit/test_moe.py tests/unit/test_attention_paths.py \
         tests/unit/test_block_policies.py tests/unit/test_fp8_backends.py tests/unit/test_fp8_emulate.py
-    step bench_model 200 python benchmarks/bench_model.py --size b1 medium medium-2k medium-4k --rounds 4 --out "$OUT"
+    step bench_model 190 python benchmarks/bench_model.py --size b1 medium medium-2k medium-4k --rounds 4 --out "$OUT"
     step bench_fp8 140 python benchmarks/bench_fp8.py --quick
 fi
 cp "$OUT/bench_fp8.log" "$OUT/bench_fp8.md" 2>/dev/null
