@@ -10,7 +10,7 @@ what that buys on the device at hand, with no network access. Three tables, all 
      loop vs torch._grouped_mm vs FP8 per-expert rowwise scaled_mm vs torch._scaled_grouped_mm;
   3. end to end: forward + backward of one model (default benchmarks/configs/moe_small.yaml, 2.6B
      parameters with V2-Lite-sized experts) in BF16 and in FP8 (fp8.backend auto), eager and
-     torch.compile: ms/step, tokens/s, model TFLOP/s (trainer/flops.py) and MFU against the
+     torch.compile: ms/step, tokens/s, model TFLOP/s (trainer/plan/flops.py) and MFU against the
      device's dense BF16 peak (so an FP8 run can exceed what BF16 reaches, never 2x the peak).
 A kernel the installed torch or device lacks shows as n/a (the reason goes to stderr).
 
@@ -177,7 +177,7 @@ def model_step(config_path: str, overrides: list[str], *, fp8: bool, compile_bac
     from parallel.fp8 import autocast_context, make_provider, select_backend
     from model.batch import make_batch
     from trainer.config import load_config
-    from trainer.flops import flops_per_token
+    from trainer.plan.flops import flops_per_token
     from model.transformer import build_model
 
     cfg = load_config(config_path, overrides + [f"fp8.enabled={'true' if fp8 else 'false'}"])

@@ -13,8 +13,8 @@ layout runs as 4 real ranks (spawned processes) through the trainer's own `build
   at once (a saved tensor dies when autograd frees its graph), the schedule's in-flight count;
 - step time: median over the timed steps of the slowest rank (barrier before each step).
 
-Predictions come from the planner's models (trainer.plan_memory, trainer.plan_time,
-trainer.plan_layouts) for the same layout with fp32 activations and PyTorch's math attention (the
+Predictions come from the planner's models (trainer.plan.memory, trainer.plan.timing,
+trainer.plan.layouts) for the same layout with fp32 activations and PyTorch's math attention (the
 CPU path), and a CPU row for the hardware table: the effective FLOP/s of one process running
 forward + backward of the same model and micro-batch (calibrated again right before each layout,
 so that it sees the same load; printed per layout), times the share of a core each rank gets
@@ -44,10 +44,10 @@ from parallel.pipeline.schedules import build_schedule  # noqa: E402
 from parallel.topology import Topology  # noqa: E402
 from tests.distributed.spawn import run_ranks  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.flops import flops_per_token  # noqa: E402
-from trainer.plan_hardware import GPU, Efficiency  # noqa: E402
-from trainer.plan_layouts import Candidate, Cluster, Estimate, live_points, timing  # noqa: E402
-from trainer.plan_memory import (activation_model, param_inventory, rank_params,  # noqa: E402
+from trainer.plan.flops import flops_per_token  # noqa: E402
+from trainer.plan.hardware import GPU, Efficiency  # noqa: E402
+from trainer.plan.layouts import Candidate, Cluster, Estimate, live_points, timing  # noqa: E402
+from trainer.plan.memory import (activation_model, param_inventory, rank_params,  # noqa: E402
                                  stage_activation_bytes, static_bytes)
 
 WORLD = 4

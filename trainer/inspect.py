@@ -3,7 +3,7 @@
 Builds the model on the meta device (no memory, any size) and counts its actual parameters per
 component, for the main model and the MTP modules separately: total, and activated per token
 (routed experts count top-K of E; DeepSeek-V3 report section 4.2: 671B total, 37B activated).
-Also prints the analytic counts of `trainer.flops` (they must agree) and training FLOPs/token.
+Also prints the analytic counts of `trainer.plan.flops` (they must agree) and training FLOPs/token.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import torch
 
 from trainer.config import load_config
-from trainer.flops import flops_per_token, param_counts
+from trainer.plan.flops import flops_per_token, param_counts
 from model.transformer import build_model
 from trainer.cli import user_errors
 

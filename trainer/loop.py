@@ -26,7 +26,7 @@ from parallel.engine import Engine, StepMetrics
 from trainer.config import Config, dump_yaml
 from trainer.errors import NonFiniteError
 from trainer.evaluate import maybe_validate
-from trainer.flops import flops_per_token
+from trainer.plan.flops import flops_per_token
 from trainer.metrics import MetricsWriter, StepTimer, max_violation, peak_tflops
 from trainer.schedule import lr_at
 

@@ -1,7 +1,7 @@
 """Per-step metrics: a readable console line, a JSONL file, and TensorBoard events.
 
 Throughput: tokens/s counts every token position processed (padding included, as Megatron does)
-over the wall time of the step. Model FLOPs come from `trainer.flops.flops_per_token` (6 x
+over the wall time of the step. Model FLOPs come from `trainer.plan.flops.flops_per_token` (6 x
 activated parameters per token for forward+backward plus the attention score/value products; the
 formula is documented there); TFLOP/s = tokens/s x FLOPs/token, MFU = that / the device's peak
 dense TFLOP/s. Load balance: MaxVio = max(load)/mean(load) - 1 per MoE layer (DeepSeek-V3's

@@ -40,7 +40,7 @@ def device_memory_bytes(cfg: Config) -> int:
 
 
 def check_memory(cfg: Config, world_size: int = 1, available: int | None = None) -> None:
-    from trainer.flops import param_counts
+    from trainer.plan.flops import param_counts
     counts = param_counts(cfg)
     params = counts["main_total"] + counts["mtp_total"]
     need = params * BYTES_PER_PARAM / max(world_size, 1)

@@ -14,7 +14,7 @@ sys.path.insert(0, "benchmarks")
 import bench_fp8  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.flops import param_counts  # noqa: E402
+from trainer.plan.flops import param_counts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUMBER = re.compile(r"^\d+(\.\d+)?(e-?\d+)?x?$")

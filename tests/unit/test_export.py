@@ -21,11 +21,11 @@ import torch
 from parallel import checkpoint as ckpt
 from model.batch import make_batch
 from trainer.config import dump_yaml, load_config
-from trainer.export import export
+from trainer.hf.export import export
 from trainer.restore import read_model_state
-from trainer.export import main as export_main
-from trainer.import_hf import import_state
-from trainer.import_hf import main as import_main
+from trainer.hf.export import main as export_main
+from trainer.hf.import_hf import import_state
+from trainer.hf.import_hf import main as import_main
 from model.mtp import shift_tokens
 from model.transformer import build_model
 
@@ -169,7 +169,7 @@ def test_import_round_trip_is_exact(run, tmp_path):
 
 
 def test_export_writes_the_topk_method_of_the_group_score():
-    from trainer.hf_names import hf_config
+    from trainer.hf.names import hf_config
     for how in ("auto", "top2_sum"):
         assert hf_config(load_config(None, TINY + [f"moe.group_score={how}"]), "float32")["topk_method"] == "noaux_tc"
     with pytest.raises(ValueError, match=r"moe.group_score = 'max'.*set moe.group_score=top2_sum"):
@@ -268,7 +268,7 @@ def test_import_rejects_bad_checkpoints(run, tmp_path):
 
 def test_deepseek_tokenizer_files_are_exported(run, tmp_path):
     cfg, model, _, _, base = run
-    from trainer.export import copy_tokenizer
+    from trainer.hf.export import copy_tokenizer
     ds = load_config(None, TINY + [f"data.output_dir={base / 'nodata'}", "data.tokenizer=deepseek-v3"])
     written = copy_tokenizer(ds, str(tmp_path))
     assert written == ["tokenizer.json", "tokenizer_config.json"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.flops import attention_context, component_counts, flops_per_token, param_counts
+from trainer.plan.flops import attention_context, component_counts, flops_per_token, param_counts
 from trainer.inspect import count_model, main
 from model.transformer import build_model
 

@@ -2,9 +2,9 @@
 import pytest
 
 from trainer.config import load_config
-from trainer.plan import main
-from trainer.plan_hardware import GIB, gpu_kind
-from trainer.plan_layouts import Cluster, plan
+from trainer.plan.cli import main
+from trainer.plan.hardware import GIB, gpu_kind
+from trainer.plan.layouts import Cluster, plan
 
 V3 = "configs/deepseek_v3_671b.yaml"
 

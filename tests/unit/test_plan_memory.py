@@ -15,7 +15,7 @@ from parallel.pipeline.model_stage import build_union_chunks
 from parallel.pipeline.schedules import build_schedule
 from parallel.topology import Topology, plan_layout
 from trainer.config import load_config
-from trainer.plan_memory import activation_model, param_inventory, rank_params, static_bytes
+from trainer.plan.memory import activation_model, param_inventory, rank_params, static_bytes
 
 TINY = ["model.vocab_size=512"]
 

@@ -5,8 +5,8 @@ each, the fullest rank's memory (weights, gradients, fp32 master and AdamW momen
 ZeRO-1, activations at the schedule's peak, all-to-all buffers), the step time, MFU and the
 pipeline bubble, and the `--set` overrides that run it. Layouts that do not fit are listed with
 the component that puts them over budget. `--png` draws the memory breakdown of the top layouts.
-Models: trainer/plan_memory.py, trainer/plan_time.py, trainer/plan_layouts.py; hardware numbers:
-trainer/plan_hardware.py.
+Models: trainer/plan/memory.py, trainer/plan/timing.py, trainer/plan/layouts.py; hardware numbers:
+trainer/plan/hardware.py.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from trainer.config import ConfigError, load_config
-from trainer.plan_hardware import GIB, gpu_kind
-from trainer.plan_layouts import COMPONENTS, Cluster, Estimate, plan
+from trainer.plan.hardware import GIB, gpu_kind
+from trainer.plan.layouts import COMPONENTS, Cluster, Estimate, plan
 
 _HEAD = (f"{'#':>3} {'pp':>3} {'dp':>5} {'ep':>4} {'edp':>4} {'schedule':<9} {'mb':>3} {'n':>4} {'recomp':<6} "
          f"{'fp8':<4} {'m16':<4} {'GiB':>6} {'step s':>7} {'tok/s/GPU':>9} {'MFU':>5} {'bubble':>6}")
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("config", help="model config (YAML)")
     ap.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--gpu", required=True, help="GPU kind: a row of trainer/plan_hardware.py")
+    ap.add_argument("--gpu", required=True, help="GPU kind: a row of trainer/plan/hardware.py")
     ap.add_argument("--seq", type=int, default=4096, help="sequence length")
     ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     ap.add_argument("--top", type=int, default=10)

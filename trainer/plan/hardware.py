@@ -56,5 +56,5 @@ def gpu_kind(name: str) -> GPU:
     key = name.lower()
     if key not in GPUS:
         raise ValueError(f"--gpu {name}: not in the hardware table; use one of {', '.join(GPUS)} "
-                         f"(or add a row to trainer/plan_hardware.py)")
+                         f"(or add a row to trainer/plan/hardware.py)")
     return GPUS[key]

@@ -5,8 +5,8 @@ pp x dp, ep | dp, no tensor parallelism; DeepSeek-V3 section 3.1), a schedule, t
 each stage (proposed by `parallel.pipeline.layout.balanced_layout` from per-block time), and
 per-rank settings: micro-batch size and count (global batch = dp x micro-batch x count),
 recomputation, FP8, bf16 AdamW moments. Candidates go through the trainer's own validation
-(`Config.validate`, `plan_layout`). Memory per rank is `trainer.plan_memory` with the
-schedule's peak of micro-batches in flight, time is `trainer.plan_time`.
+(`Config.validate`, `plan_layout`). Memory per rank is `trainer.plan.memory` with the
+schedule's peak of micro-batches in flight, time is `trainer.plan.timing`.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from parallel.pipeline.layout import balanced_layout, num_stages
 from parallel.pipeline.schedules import SCHEDULE_NAMES, check_sizes, dualpipe, dualpipev, one_f_one_b, zb1p
 from parallel.topology import plan_layout
 from trainer.config import ConfigError
-from trainer.flops import flops_per_token
-from trainer.plan_hardware import GIB, GPU, Efficiency
-from trainer.plan_memory import (activation_model, param_inventory, rank_params, recompute_peak_bytes,
+from trainer.plan.flops import flops_per_token
+from trainer.plan.hardware import GIB, GPU, Efficiency
+from trainer.plan.memory import (activation_model, param_inventory, rank_params, recompute_peak_bytes,
                                  stage_activation_bytes, static_bytes)
-from trainer.plan_time import (OVERLAP_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
+from trainer.plan.timing import (OVERLAP_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
                                stage_flops, stage_work)
 
 MICRO_BATCH_SIZES = (1, 2, 4)

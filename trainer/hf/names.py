@@ -220,7 +220,7 @@ def to_hf(state: dict, cfg) -> dict:
     missing = sorted(set(state) - known)
     if missing:
         raise HFNameError(f"no Hugging Face name for {missing[:5]} (of {len(missing)}); "
-                         "trainer/hf_names.py's table is out of date with the model")
+                         "trainer/hf/names.py's table is out of date with the model")
     return out
 
 

@@ -1,6 +1,6 @@
 """The planner's time model: one training step of a layout, from FLOP and byte counts.
 
-- Compute: the FLOPs of each pipeline stage per micro-batch (trainer.flops: 2 per activated
+- Compute: the FLOPs of each pipeline stage per micro-batch (trainer.plan.flops: 2 per activated
   matmul parameter and token forward, 4 backward, split evenly into the input-gradient I and
   weight-gradient W halves; the attention core 2 H (d_qk + d_v) c per token forward, 4 backward,
   all in I) at the table's peak times an efficiency; FP8 runs the matmuls at the FP8 peak.
@@ -27,8 +27,8 @@ from functools import lru_cache
 
 from parallel.pipeline.schedules import build_schedule
 from parallel.pipeline.simulate import Costs, replay
-from trainer.flops import attention_context, block_param_counts
-from trainer.plan_hardware import GPU, Efficiency
+from trainer.plan.flops import attention_context, block_param_counts
+from trainer.plan.hardware import GPU, Efficiency
 
 OVERLAP_SCHEDULES = ("dualpipe", "dualpipev")
 
