@@ -81,6 +81,7 @@ def setup_logging(output_dir: str | None, rank: int = 0) -> None:
     log.propagate = False
     console = logging.StreamHandler()
     console.setFormatter(fmt)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))  # the resolved config
     log.addHandler(console)
     if output_dir and rank == 0:
         os.makedirs(output_dir, exist_ok=True)

@@ -117,3 +117,18 @@ def schedule_change(checkpoint: str, cfg: Config) -> str | None:
     return (f"train.steps = {cfg.train.steps}: the checkpoint's run had {old_steps}; with schedule.decay_steps = 0 "
             f"the decay follows train.steps, so lr at step {step} jumps from {before:.3g} to {after:.3g}; set "
             f"schedule.decay_steps={keep} to keep the old schedule (then min_lr after step {old_steps})")
+
+
+def optimizer_changes(checkpoint: str, cfg: Config) -> list[str]:
+    """Warnings for optim.* and schedule.* values that differ from the checkpoint's run: resuming
+    accepts them (that is how a run is re-tuned), but never silently."""
+    saved = _saved_config(checkpoint)
+    lines = []
+    for section in ("optim", "schedule"):
+        old = saved.get(section) or {}
+        for key, value in (old.items() if isinstance(old, dict) else ()):
+            now = getattr(getattr(cfg, section), key, value)
+            if now != value:
+                lines.append(f"{section}.{key} = {now!r}: the checkpoint's run had {value!r}; the resumed run "
+                             f"uses the new value from here on")
+    return lines

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from trainer.cli import user_errors
 from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.cpu_threads import set_cpu_threads
 from trainer.restore import pick_device
 
 log = logging.getLogger("moepipe")
@@ -144,8 +145,11 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     if previous_holder:
         log.warning("took over the output-dir lock of a run that is no longer alive (host %s, pid %s)",
                     previous_holder.get("host"), previous_holder.get("pid"))
-    log.info("resolved config:\n%s", dump_yaml(cfg))
+    write_resolved_config(cfg, topology.rank)
+    log.info("run: %s (config.yaml resolved, train.log, metrics.jsonl, checkpoints/)", cfg.train.output_dir)
     log.info("layout: %s", topology.describe())
+    if device.type == "cpu":
+        log.info(set_cpu_threads())
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     if topology.rank == 0:
         for name in ckpt.remove_partial(root):  # safe: the lock proves their writers are gone
@@ -162,9 +166,9 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
             if aside:
                 log.warning("resumed from an older checkpoint: the later ones of the old branch were moved to %s "
                             "(kept, not deleted); pruning and checkpoint.resume=auto follow the new branch", aside)
-        warning = preflight.schedule_change(path, cfg)
-        if warning:
-            log.warning(warning)
+        for warning in [preflight.schedule_change(path, cfg), *preflight.optimizer_changes(path, cfg)]:
+            if warning:
+                log.warning(warning)
     init_from.start_stage(run_, cfg, resumed=path)
     if run_.step >= cfg.train.steps:
         log.info("this run is complete: step %d of train.steps = %d in %s; to train further, raise train.steps "
@@ -190,6 +194,16 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
                     run_.step, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
     return 0
+
+
+def write_resolved_config(cfg, rank: int) -> None:
+    """The fully resolved config into train.log and output_dir/config.yaml (rank 0), not the console."""
+    if rank != 0:
+        return
+    text = dump_yaml(cfg)
+    log.info("resolved config:\n%s", text, extra={"file_only": True})
+    with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
+        f.write(text)
 
 
 def finish(cfg, run_, metrics) -> None:

@@ -229,7 +229,7 @@ def _param_copies(s: Schedule) -> str:
 def format_report(rp: Replay) -> str:
     c = rp.costs
     head = (f"{rp.schedule.name}: pp={rp.schedule.num_ranks} micro={rp.schedule.num_micro} "
-            f"F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.pair():g} latency={c.latency:g}  "
+            f"F={c.F:g} I={c.I:g} W={c.W:g} (B=I+W={c.B:g}) F&B={c.pair():g} latency={c.latency:g}  "
             f"makespan={rp.makespan:g}")
     lines = [head, f"{'rank':>4} {'busy':>8} {'bubble':>8} {'bubble%':>8} {'peak_act':>8} {'params':>6}"]
     for row in summary_rows(rp):
@@ -280,11 +280,11 @@ def main(argv: list[str] | None = None) -> Replay:
     p.add_argument("--schedule", choices=SCHEDULE_NAMES, default="dualpipe")
     p.add_argument("--pp", type=int, default=8, help="pipeline ranks")
     p.add_argument("--micro", type=int, default=20, help="micro-batches per step")
-    p.add_argument("--F", type=float, default=1.0)
-    p.add_argument("--I", type=float, default=1.0)
-    p.add_argument("--W", type=float, default=1.0)
+    p.add_argument("--F", type=float, default=1.0, help="cost of a forward chunk")
+    p.add_argument("--I", type=float, default=1.0, help="cost of a backward chunk's input-gradient part")
+    p.add_argument("--W", type=float, default=1.0, help="cost of a backward chunk's weight-gradient part (B = I + W)")
     p.add_argument("--FB", type=float, default=None, help="overlapped F&B pair cost (default F+B)")
-    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--latency", type=float, default=0.0, help="cost of each send/recv between ranks")
     p.add_argument("--png", default=None, help="write a Gantt chart here")
     p.add_argument("--actions", action="store_true", help="also print each rank's action list")
     args = p.parse_args(argv)

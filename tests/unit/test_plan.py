@@ -25,6 +25,9 @@ def test_deepseek_v3_layout_fits_in_80gb_and_ranks_in_the_top_5(capsys):
 
 def test_256_h100_says_which_fit_and_why_the_others_do_not(capsys):
     assert main([V3, "--gpus", "256", "--gpu", "h100", "--global-batch", "1920", "--top", "3"]) == 0
+    short = capsys.readouterr().out
+    assert "layouts do not fit; --why lists each" in short and "GiB >" not in short
+    assert main([V3, "--gpus", "256", "--gpu", "h100", "--global-batch", "1920", "--top", "3", "--why"]) == 0
     out = capsys.readouterr().out
     assert "layouts fit" in out and "do not fit" in out and "--set parallel.pp=" in out
     reasons = [line for line in out.splitlines() if line.startswith("  pp ") and "GiB >" in line]

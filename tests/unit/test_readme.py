@@ -23,3 +23,16 @@ def test_readme_opens_with_the_train_and_test_commands_and_ci_runs_the_test_one(
     assert "pytest" in commands[1]
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     assert commands[1] in ci.splitlines(), ".ci/run must run the README's test command verbatim"
+
+
+def test_readme_training_examples_after_the_first_write_their_own_run_dir():
+    """After the main command has filled runs/tiny, an example that resumed it would only say the
+    run is complete: each later training example names its own train.output_dir."""
+    commands = re.findall(r"```bash\n(.*?)\n```", readme(), flags=re.S)
+    lines = "\n".join(commands[2:]).replace("\\\n", " ").splitlines()
+    examples = [line for line in lines if re.search(r"trainer\.train configs/tiny\.yaml", line)]
+    assert examples
+    dirs = [re.search(r"train\.output_dir=(\S+)", line) for line in examples]
+    assert all(dirs), [line for line, d in zip(examples, dirs) if not d]
+    names = [d.group(1) for d in dirs]
+    assert "runs/tiny" not in names and len(set(names)) == len(names)

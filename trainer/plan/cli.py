@@ -35,7 +35,8 @@ def breakdown(e: Estimate) -> str:
     return f"pp rank {e.rank}: {parts} = {e.total / GIB:.1f} of {e.budget / GIB:.0f} GiB"
 
 
-def report(ranked: list[Estimate], failed: list[Estimate], untimed: int, cl: Cluster, top: int) -> str:
+def report(ranked: list[Estimate], failed: list[Estimate], untimed: int, cl: Cluster, top: int,
+           why: bool = False) -> str:
     g = cl.gpu
     lines = [f"{cl.gpus} x {g.name} ({cl.gpus_per_node} per node, {g.memory_gib:g} GiB, {g.peak_bf16:g} bf16 / "
              f"{g.peak_fp8:g} fp8 TFLOP/s), seq {cl.seq_len}, global batch {cl.global_batch} sequences",
@@ -47,7 +48,9 @@ def report(ranked: list[Estimate], failed: list[Estimate], untimed: int, cl: Clu
     for i, e in enumerate(ranked[:top], 1):
         lines.append(f"{i:>3} {breakdown(e)}")
         lines.append(f"    --set {e.cand.overrides()}")
-    if failed:
+    if failed and not why:
+        lines.append(f"\n{len(failed)} layouts do not fit; --why lists each with the part over budget")
+    elif failed:
         lines.append("\ndo not fit (least memory-hungry settings of each layout):")
         for e in failed:
             c = e.cand
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096, help="sequence length")
     ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--why", action="store_true", help="list every layout that does not fit, with the reason")
     ap.add_argument("--png", default=None, help="write the memory breakdown of the top layouts here")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(ranked, failed, untimed, cl, args.top))
+    print(report(ranked, failed, untimed, cl, args.top, args.why))
     if args.png and ranked:
         draw_memory(ranked, args.png, args.top)
         print(f"wrote {args.png}")
