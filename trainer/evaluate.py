@@ -33,14 +33,10 @@ from trainer.config import ConfigError
 log = logging.getLogger("moepipe")
 
 
-def valid_dirs_unchecked(cfg) -> list[str]:
-    from data.prepare import prepared_dir
-    return [prepared_dir(cfg.data, cfg.dedup)] + list(cfg.data.blend)
-
-
 def valid_dirs(cfg) -> list[str]:
     """Prepared dataset dirs of the run (this one, then data.blend's), each with a validation split."""
-    dirs = valid_dirs_unchecked(cfg)
+    from data.prepare import prepared_dir
+    dirs = [prepared_dir(cfg.data, cfg.dedup)] + list(cfg.data.blend)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "meta.json")):
             raise ConfigError(f"prepared data = {d}: not there; run python -m trainer.prepare "
@@ -111,7 +107,7 @@ def open_split(directory: str):
 def validate(run) -> dict:
     """The in-training pass over this run's held-out split (every rank calls it; rank 0 logs it)."""
     cfg, t0 = run.cfg, time.perf_counter()
-    reader, pad_id = open_split(valid_dirs(cfg)[0])
+    reader, pad_id = open_split(run.stream.dirs[0])  # the run's prepared data, resolved once at start
     n_total = min(len(reader), cfg.eval.batches * cfg.train.micro_batch_size)
     engine = run.engine
     topo = engine.topology
@@ -121,6 +117,19 @@ def validate(run) -> dict:
     out = finish(sums, cfg.mtp.depth > 0)
     out["val_seconds"] = time.perf_counter() - t0
     return out
+
+
+def describe_validation(cfg, directory: str) -> str | None:
+    """What the in-training validation covers, for the start of the log (None when it is off)."""
+    path = os.path.join(directory, "valid")
+    if not cfg.eval.every or not os.path.isfile(path + ".idx"):
+        return None
+    from data.indexed import IndexedReader
+    total = len(IndexedReader(path))
+    n = min(total, cfg.eval.batches * cfg.train.micro_batch_size)
+    return (f"validation: every {cfg.eval.every} steps on the first {n} of the held-out split's {total} sequences "
+            f"(eval.batches = {cfg.eval.batches} x train.micro_batch_size); python -m trainer.evaluate "
+            "reports the whole split")
 
 
 def maybe_validate(run) -> dict:
@@ -133,7 +142,7 @@ def maybe_validate(run) -> dict:
         log.warning("step %d: no validation: data.valid_fraction = 0 (no held-out split); set it > 0 to validate",
                     run.step)
         return {}
-    if not os.path.isfile(os.path.join(valid_dirs_unchecked(cfg)[0], "valid.idx")):
+    if not os.path.isfile(os.path.join(run.stream.dirs[0], "valid.idx")):
         log.warning("step %d: no validation: data.valid_fraction = %s of this corpus rounds to 0 sequences; "
                     "raise it", run.step, cfg.data.valid_fraction)
         return {}
@@ -177,6 +186,8 @@ def main(argv=None) -> int:
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches = {args.batches}: must be >= 1; give a positive count or leave it out")
     rows = evaluate(args.checkpoint, args.config, args.set, args.batches)
+    print("the whole held-out split of each dataset" if args.batches is None else
+          f"the first {args.batches} micro-batches of each held-out split (as training's eval.batches)")
     print("| dataset | tokens | loss | perplexity | MTP loss |\n|---|---|---|---|---|")
     for name, m in rows:
         mtp = f"{m['val_mtp_loss']:.4f}" if m["val_mtp_loss"] is not None else "-"

@@ -184,6 +184,8 @@ def format_line(step: int, total: int, m: dict) -> str:
         line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f}"
         if m.get("val_mtp_loss") is not None:
             line += f" mtp {m['val_mtp_loss']:.4f}"
+        if m.get("val_tokens"):
+            line += f" on {m['val_tokens']:,} tok"
     if "elapsed_s" in m:
         line += (f" | {format_duration(m['elapsed_s'])} elapsed, ETA {format_duration(m['eta_s'])} "
                  f"| mem {m['peak_mem_MB']:,.0f} MiB")

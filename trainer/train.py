@@ -21,6 +21,7 @@ import torch.distributed as dist
 from trainer.cli import user_errors
 from trainer.config import Config, ConfigError, dump_yaml, load_config
 from trainer.cpu_threads import set_cpu_threads
+from trainer.evaluate import describe_validation
 from trainer.restore import pick_device
 
 log = logging.getLogger("moepipe")
@@ -156,6 +157,9 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
             log.warning("removed %s, left by an interrupted save or prune", os.path.join(root, name))
     stream = stream_from_config(cfg.data, cfg.dedup, rank=topology.dp_rank, world_size=topology.dp)
     run_ = build_run(cfg, stream, topology, device, autocast_dtype)
+    coverage = describe_validation(cfg, stream.dirs[0])
+    if coverage:
+        log.info(coverage)
     path = ckpt.resume_path(cfg.checkpoint.resume, cfg.train.output_dir)
     if path:
         preflight.check_model_matches(path, cfg)

@@ -19,13 +19,14 @@ STEPS = 50
 KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "maxvio")
 
 
-def run_tiny(workdir: str, threads: int = 1, extra_env: dict | None = None) -> dict[int, dict[str, float]]:
+def run_tiny(workdir: str, threads: int = 1, extra_env: dict | None = None,
+             overrides: tuple[str, ...] = ()) -> dict[int, dict[str, float]]:
     """Train the tiny config for STEPS steps in a fresh process; returns {step: {key: value}}."""
     out = os.path.join(workdir, "run")
     cmd = [sys.executable, "-m", "trainer.train", os.path.join(ROOT, "configs", "tiny.yaml"), "--set",
            f"train.steps={STEPS}", "train.device=cpu", "train.dtype=fp32", "checkpoint.every=0",
            "logging.tensorboard=false", f"train.output_dir={out}", f"data.output_dir={os.path.join(workdir, 'data')}",
-           "data.valid_fraction=0"]  # the split the golden numbers were recorded on (no held-out part)
+           "data.valid_fraction=0", *overrides]  # the split the golden numbers were recorded on (no held-out part)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(extra_env or {}))
     env.pop("WORLD_SIZE", None)
     done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -53,6 +53,7 @@ def test_evaluate_cli_prints_loss_perplexity_and_mtp(tiny_checkpoint, capsys):
     assert main([tiny_checkpoint[0], "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "| dataset | tokens | loss | perplexity | MTP loss |" in out
+    assert "the first 2 micro-batches of each held-out split" in out  # says what it covers
     row = out.strip().splitlines()[-1].split("|")
     loss, ppl = float(row[3]), float(row[4])
     assert 8.5 < loss < 9.5 and ppl == pytest.approx(math.exp(loss), rel=1e-3)   # random init: ~ln(8192)

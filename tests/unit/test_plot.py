@@ -52,6 +52,7 @@ def test_log_line_has_elapsed_eta_window_throughput_and_memory(tmp_path):
     assert r10["eta_s"] == 0 and r5["eta_s"] > 0 and r5["peak_mem_MB"] > 0
     line = format_line(5, 10, r5)
     assert f"tok/s {r5['tokens_per_s_window']:,.0f}" in line and "elapsed, ETA" in line and "MiB" in line
+    assert "on 8,160 tok" in format_line(5, 10, {**r5, "val_loss": 4.6, "val_ppl": 99.5, "val_tokens": 8160})
 
 
 def test_summary_names_best_validation_loss_and_paths(tmp_path):
