@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+import yaml
+
 from trainer.cli import user_errors
 from trainer.metrics import read_metrics
 
@@ -77,7 +79,19 @@ def _edges(steps: list[int]) -> list[float]:
     return [2 * steps[0] - mids[0]] + mids + [2 * steps[-1] - mids[-1]]
 
 
-def expert_load_heatmap(records: list[dict], path: str) -> str | None:
+def moe_layer_names(run_dir: str, n_layers: int) -> list[str]:
+    """Names of the MoE layers in metrics order: main-model blocks, then MTP blocks (from the run's
+    config.yaml; plain indices when it is missing)."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            model = (yaml.safe_load(f) or {}).get("model") or {}
+        first, main = int(model["first_k_dense"]), int(model["num_layers"]) - int(model["first_k_dense"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return [f"MoE layer {i}" for i in range(n_layers)]
+    return [f"block {first + i}" if i < main else f"MTP block {i - main + 1}" for i in range(n_layers)]
+
+
+def expert_load_heatmap(records: list[dict], path: str, names: list[str] | None = None) -> str | None:
     """One panel per MoE layer: experts x logged steps, load / mean load (1 = balanced)."""
     recs = [r for r in records if isinstance(r.get("expert_load"), list) and r["expert_load"]]
     if not recs:
@@ -91,10 +105,11 @@ def expert_load_heatmap(records: list[dict], path: str) -> str | None:
         grid = list(map(list, zip(*rel[layer])))                             # [expert][step]
         im = ax.pcolormesh(_edges(steps), [e - 0.5 for e in range(len(grid) + 1)], grid, cmap="viridis")
         ax.invert_yaxis()
-        ax.set(ylabel=f"MoE layer {layer}\nexpert", title="expert load / mean load" if layer == 0 else None)
+        name = names[layer] if names else f"MoE layer {layer}"
+        ax.set(ylabel=f"{name}\nexpert", title="expert load / mean load" if layer == 0 else None)
         fig.colorbar(im, ax=ax)
     axes[-1, 0].set_xlabel("step")
-    return _save(fig, path, {"step": steps, "relative_load": rel})
+    return _save(fig, path, {"step": steps, "relative_load": rel, "layers": names or []})
 
 
 def plot_run(run_dir: str) -> list[str]:
@@ -110,8 +125,13 @@ def plot_run(run_dir: str) -> list[str]:
             line_plot(records, ["grad_norm"], "gradient norm (before clipping)", os.path.join(out, "grad_norm.png"),
                       log_y=True),
             line_plot(records, ["maxvio"], "MaxVio (max / mean expert load - 1)", os.path.join(out, "maxvio.png")),
-            expert_load_heatmap(records, os.path.join(out, "expert_load.png"))]
+            expert_load_heatmap(records, os.path.join(out, "expert_load.png"), _names_for(run_dir, records))]
     return [p for p in made if p]
+
+
+def _names_for(run_dir: str, records: list[dict]) -> list[str] | None:
+    loads = next((r["expert_load"] for r in records if isinstance(r.get("expert_load"), list)), None)
+    return moe_layer_names(run_dir, len(loads)) if loads else None
 
 
 def run_dirs(sweep_dir: str) -> list[str]:

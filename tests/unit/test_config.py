@@ -84,3 +84,22 @@ def test_compile_on_a_platform_without_a_compiler_is_one_line(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with _pytest.raises(ValueError, match="train.compile=true on CPU needs a C\\+\\+ compiler.*train.compile=false"):
         check_compile_platform(torch.device("cpu"))
+
+
+def test_errors_in_a_file_name_the_file_and_line_and_near_miss_paths(tmp_path):
+    base = write(tmp_path / "base.yaml", "moe:\n  topk: 2\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  seed: 1\n  steps: abc\nmoe:\n  topkk: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert f"unknown key 'moe.topkk' ({child} line 6); did you mean 'moe.topk'?" in str(err.value).replace(
+        os.path.relpath(child), child)
+    with pytest.raises(ConfigError) as err:
+        load_config(child, ["moe.topkk=2"])  # a --set of the same key: no file line is claimed
+    assert "line" not in str(err.value)
+    steps = write(tmp_path / "steps.yaml", "base: base.yaml\ntrain:\n  steps: abc\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(steps)
+    assert "line 3): expected int, got str; write a whole number" in str(err.value)
+    assert load_config(None, ["moe.topk=3"]).moe.topk == 3
+    with pytest.raises(ConfigError, match=r"no such file; did you mean .*base\.yaml\?"):
+        load_config(str(tmp_path / "base.yml"))

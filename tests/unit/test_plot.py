@@ -80,3 +80,10 @@ def test_plot_of_a_directory_without_metrics_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no metrics.jsonl" in err and LINE.match(err.strip())
+
+
+def test_expert_load_panels_name_main_blocks_and_the_mtp_block(tmp_path):
+    _write_run(tmp_path)  # two MoE layers of expert loads
+    (tmp_path / "config.yaml").write_text("model:\n  num_layers: 2\n  first_k_dense: 1\n")
+    assert main([str(tmp_path)]) == 0
+    assert read_series(tmp_path / "plots" / "expert_load.png")["layers"] == ["block 1", "MTP block 1"]
