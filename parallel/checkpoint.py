@@ -296,7 +296,7 @@ def load(path: str, engine: Stateful) -> dict | None:
     if missing:
         raise CheckpointError(f"{path}: has no {missing[:3]} ({len(missing)} tensors missing); the model config "
                               f"differs from the checkpoint's config.yaml")
-    dcp.load(tensors, storage_reader=reader)
+    dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())  # one process: no warning
     engine.load_state_dict(tensors)
     return None if weights_only else state
 

@@ -145,12 +145,18 @@ class MetricsWriter:
             m["tokens_per_s_window"] = self._win_tokens / self._win_seconds if self._win_seconds else 0.0
             self._win_tokens = self._win_seconds = 0.0
 
-    def summary(self, step: int, checkpoints: str | None, plots: list[str] | None) -> str:
-        """The closing lines of a run (logged and returned)."""
+    def summary(self, step: int, checkpoints: str | None, plots: list[str] | None,
+                first_eval: int | None = None) -> str:
+        """The closing lines of a run (logged and returned); `first_eval`: the step of the first
+        validation when it is configured, None when it is not."""
         elapsed = time.perf_counter() - self._t0
         mean = self._tokens / self._seconds if self._seconds else 0.0
-        best = (f"best validation loss {self.best_val[0]:.4f} at step {self.best_val[1]}" if self.best_val
-                else "no validation loss (set data.valid_fraction > 0 and eval.every)")
+        if self.best_val:
+            best = f"best validation loss {self.best_val[0]:.4f} at step {self.best_val[1]}"
+        elif first_eval:
+            best = f"no validation loss yet (the first is due at step {first_eval})"
+        else:
+            best = "no validation loss (set data.valid_fraction > 0 and eval.every)"
         text = (f"done: {self._steps} steps this session (at step {step}) in {format_duration(elapsed)}, "
                 f"mean {mean:,.0f} tokens/s, peak memory {peak_memory_mb():,.0f} MiB; {best}\n"
                 f"  checkpoints: {checkpoints or 'none written'}\n"

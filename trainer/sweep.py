@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -276,7 +277,7 @@ def submit_slurm(sweep: Sweep, runs: list[RunSpec], configs: list, dry_run: bool
 def print_runs(sweep: Sweep, runs: list[RunSpec], configs: list) -> None:
     for run, cfg in zip(runs, configs):
         state = "finished" if is_finished(run, cfg.train.steps) else f"at step {last_step(run.output_dir)}"
-        print(f"[{run.index}] {run.name} ({state})\n    {' '.join(train_command(sweep, run)[1:])}")
+        print(f"[{run.index}] {run.name} ({state})\n    python {shlex.join(train_command(sweep, run)[1:])}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -181,8 +181,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
         return 0
     previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     install_stop_handlers(run_)
-    n_params = sum(p.numel() for p in run_.model.parameters())
-    log.info("model: %.2fM parameters on rank 0 (%s); training %d steps", n_params / 1e6, device, cfg.train.steps)
+    log.info("model: %s; training %d steps", describe_params(cfg, run_.model, topology), cfg.train.steps)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
                             enabled=topology.rank == 0)
     try:
@@ -198,6 +197,18 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
                     run_.step, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
     return 0
+
+
+def describe_params(cfg, model, topology) -> str:
+    """The model's size, and rank 0's share of it when the layout splits the model."""
+    from trainer.plan.flops import param_counts
+    counts = param_counts(cfg)
+    total = counts["main_total"] + counts["mtp_total"]
+    here = sum(p.numel() for p in model.parameters())
+    text = f"{total / 1e6:.2f}M parameters ({counts['main_activated'] / 1e6:.2f}M activated per token)"
+    if here != total:
+        text += f", {here / 1e6:.2f}M of them on rank 0 ({topology.describe().split(':', 1)[-1].strip()})"
+    return text
 
 
 def write_resolved_config(cfg, rank: int) -> None:
@@ -220,7 +231,9 @@ def finish(cfg, run_, metrics) -> None:
     except (ImportError, FileNotFoundError) as e:
         log.warning("no plots: %s", e)
         plots = []
-    metrics.summary(run_.step, ckpt.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints")), plots)
+    validating = cfg.data.valid_fraction > 0 and cfg.eval.every
+    metrics.summary(run_.step, ckpt.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints")), plots,
+                    first_eval=cfg.eval.every if validating else None)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""The tiny config's first 50 losses, gradient norms and MaxVio equal the checked-in golden file
-exactly (CPU, fp32, one thread): a refactor that changes any number fails here."""
-import json
-
-from tests.golden.tiny_losses import GOLDEN, KEYS, STEPS, run_tiny
+"""The tiny config's first 50 losses, gradient norms and MaxVio equal the checked-in golden file:
+bit for bit on the kind of machine that recorded it, within the measured fp32 drift elsewhere
+(tests/golden/tiny_losses.py says how the tolerances were derived). The run pins one thread, so
+the suite's own thread count does not matter."""
+from tests.golden.tiny_losses import compare, machine, read, run_tiny
 
 
 def test_tiny_run_matches_golden_losses(tmp_path):
-    with open(GOLDEN) as f:
-        want = {int(k): v for k, v in json.load(f).items()}
-    got = run_tiny(str(tmp_path))
-    assert sorted(got) == list(range(1, STEPS + 1))
-    diffs = [(s, k, want[s][k], got[s][k]) for s in want for k in KEYS if want[s][k] != got[s][k]]
-    assert not diffs, f"{len(diffs)} values differ from {GOLDEN}; first: {diffs[:5]}"
+    recorded_on, want = read()
+    here = machine()
+    exact = recorded_on == here
+    problems = compare(want, run_tiny(str(tmp_path)), exact)
+    mode = "bit for bit (same machine kind)" if exact else f"within tolerance ({here} vs recorded {recorded_on})"
+    assert not problems, f"{len(problems)} values differ {mode}; first: {problems[:5]}"

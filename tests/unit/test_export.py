@@ -188,6 +188,9 @@ def test_bf16_sharded_export(run, tmp_path):
     with open(os.path.join(out, "model.safetensors.index.json")) as f:
         index = json.load(f)
     files = set(index["weight_map"].values())
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert all(os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o666 & ~mask for f in files)  # not 0600
     tensors = {}
     for name in files:
         tensors.update(load_file(os.path.join(out, name)))

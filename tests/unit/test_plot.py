@@ -64,6 +64,9 @@ def test_summary_names_best_validation_loss_and_paths(tmp_path):
     text = w.summary(3, "ck/step_00000003", ["p/plots/loss.png"])
     assert "best validation loss 4.0000 at step 2" in text and "mean 10 tokens/s" in text
     assert "ck/step_00000003" in text and "p/plots" in text and "metrics.jsonl" in text
+    early = MetricsWriter(str(tmp_path / "early"), every=1, tensorboard=False)  # stopped before the first eval
+    assert "no validation loss yet (the first is due at step 50)" in early.summary(3, None, None, first_eval=50)
+    assert "set data.valid_fraction > 0" in early.summary(3, None, None, first_eval=None)
 
 
 def test_sweep_overlay_holds_every_runs_loss(tmp_path):

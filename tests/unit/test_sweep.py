@@ -100,6 +100,7 @@ def test_skip_finished_and_dry_run_listing(tmp_path, capsys):
     assert sw.main([path, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "[0] a (finished)" in out and "[1] b (at step 2)" in out and "[2] c (at step 0)" in out
+    assert "\n    python -m trainer.train " in out  # each run's line pastes into a shell as it is
     assert sw.main([path, "--slurm", "--dry-run"]) == 0
     assert "--array=1,2 " in capsys.readouterr().out  # only the unfinished runs are submitted
 

@@ -57,6 +57,12 @@ def shard(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[
     return shards
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(tensors: dict, out_dir: str, dtype: torch.dtype, max_shard_bytes: int) -> dict:
     """Write shards + index; returns the index."""
     from safetensors.torch import save_file
@@ -69,6 +75,7 @@ def write_safetensors(tensors: dict, out_dir: str, dtype: torch.dtype, max_shard
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({n: _cast(n, tensors[n], dtype) for n in group}, os.path.join(out_dir, fname),
                   metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, fname), 0o666 & ~_umask())  # as open() would; safetensors writes 0600
         weight_map.update({n: fname for n in group})
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
