@@ -6,7 +6,9 @@ hold cores, OpenMP threads then wait for each other at every parallel region: me
 2-core machine with other work running, the tiny run did ~300 tokens/s with 2 threads and
 1,000-1,200 with 1 thread, with the same losses. The count here is the smallest of: the CPU
 affinity mask, the cgroup CPU quota, and the cores not busy with other processes (the 1-minute
-load average at start), divided among the local ranks. `OMP_NUM_THREADS` set by the user wins.
+load average at start), divided among the local ranks. `OMP_NUM_THREADS` set by the user wins
+(torchrun sets it to 1 for several local ranks). fp32 sums depend slightly on the thread count, so
+a CPU run that must repeat bit for bit across sessions pins OMP_NUM_THREADS.
 """
 from __future__ import annotations
 

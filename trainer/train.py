@@ -37,17 +37,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @user_errors
-def main(argv=None) -> int:
+def main(argv=None, cpu_threads: bool = False) -> int:
+    """`cpu_threads`: choose the intra-op thread count for a CPU run (the command line does; a
+    caller that runs training in its own process keeps its own setting)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        return run(cfg)
+        return run(cfg, cpu_threads)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(cfg) -> int:
+def run(cfg, cpu_threads: bool = False) -> int:
     from trainer import preflight
     from trainer.run_dir import check_output_dir
 
@@ -58,7 +60,8 @@ def run(cfg) -> int:
     preflight.check_memory(cfg, topology.world_size)
     lock, previous = own_output_dir(cfg, topology, device)
     try:
-        return _run(cfg, topology, device, autocast_dtype, previous)
+        threads = set_cpu_threads() if cpu_threads and device.type == "cpu" else None
+        return _run(cfg, topology, device, autocast_dtype, previous, threads)
     finally:
         if lock is not None:
             lock.release()
@@ -135,7 +138,7 @@ def own_output_dir(cfg, topology, device):
     return lock, previous
 
 
-def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
+def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | None = None) -> int:
     from data.stream import stream_from_config
     from parallel import checkpoint as ckpt
     from trainer import init_from, preflight
@@ -149,8 +152,8 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     write_resolved_config(cfg, topology.rank)
     log.info("run: %s (config.yaml resolved, train.log, metrics.jsonl, checkpoints/)", cfg.train.output_dir)
     log.info("layout: %s", topology.describe())
-    if device.type == "cpu":
-        log.info(set_cpu_threads())
+    if threads:
+        log.info(threads)
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     if topology.rank == 0:
         for name in ckpt.remove_partial(root):  # safe: the lock proves their writers are gone
@@ -237,4 +240,4 @@ def finish(cfg, run_, metrics) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cpu_threads=True))
