@@ -1,6 +1,6 @@
-"""End to end on the real bundled corpus: the tiny model learns, and resume equals an
-uninterrupted run (bit-exact in one process; exact at the same layout and close across layouts
-under torchrun with gloo, one process included both ways)."""
+"""End to end on the real bundled corpus: resume equals an uninterrupted run (bit-exact in one
+process; exact at the same layout and close across layouts under torchrun with gloo, one process
+included both ways). That the tiny model learns is checked by tests/e2e/test_golden.py."""
 import json
 import os
 import shutil
@@ -30,18 +30,6 @@ def overrides(data_root, out, *extra):
 def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return {r["step"]: r for r in map(json.loads, f)}
-
-
-def test_tiny_model_learns_on_the_bundled_corpus(data_root, tmp_path):
-    out = str(tmp_path / "run")
-    assert main([TINY, "--set", *overrides(data_root, out, "train.steps=100", "checkpoint.every=0")]) == 0
-    m = losses(out)
-    first, last = m[1]["lm_loss"], sum(m[s]["lm_loss"] for s in range(96, 101)) / 5
-    print(f"lm loss: step 1 {first:.3f}, mean of steps 96-100 {last:.3f}")
-    assert first > 8.5                    # ~ln(8192) = 9.01 at init
-    assert last < first - 3.0             # measured: 9.01 -> ~5.3 on 2 cores
-    assert os.path.isdir(os.path.join(out, "checkpoints", "step_00000100"))
-    assert all(0 <= m[s]["maxvio"] for s in m) and m[100]["tokens_per_s"] > 0
 
 
 def test_resume_is_bit_exact_in_one_process(data_root, tmp_path):
