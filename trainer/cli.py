@@ -41,9 +41,9 @@ def error_line(e: BaseException) -> str | None:
 def user_errors(main):
     """Decorator for a CLI's `main`: user errors -> one line on stderr and EXIT_USER_ERROR."""
     @functools.wraps(main)
-    def wrapped(argv=None) -> int:
+    def wrapped(argv=None, **options) -> int:
         try:
-            return main(argv)
+            return main(argv, **options)
         except _user_error_types() as e:
             line = error_line(e)
             if line:
