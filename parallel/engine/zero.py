@@ -3,8 +3,9 @@
 Every rank builds the full single-process model with the same seeds; with ep > 1,
 `parallel.expert.parallelize_experts` keeps this ep rank's experts and installs the all-to-all
 dispatcher; `parallel.data_parallel.ZeroAdamW` owns the sharded optimizer state and reduce-
-scatters gradient buckets from hooks during the last micro-batch's backward. Logged losses are
-averaged over dp; expert loads are summed over the world so every rank applies the same router
+scatters gradient buckets from hooks during the last micro-batch's backward. Every micro-batch's
+loss is its share of the step's per-token loss (`base.with_step_counts`), so gradients and logged
+losses are summed over dp; expert loads are summed over the world so every rank applies the same router
 bias update (section 2.1.2).
 
 Checkpoint tensors: `model.<name>` and `optim.<name>.{master,exp_avg,exp_avg_sq}` at their global
@@ -21,7 +22,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.batch import Batch
 from parallel.data_parallel import ZeroAdamW
-from parallel.engine.base import LOSS_KEYS, ForwardContext, StepMetrics, eval_forward, run_micro_batches
+from parallel.engine.base import (LOSS_KEYS, ForwardContext, StepMetrics, eval_forward, run_micro_batches,
+                                  with_step_counts)
 from parallel.expert import AllToAllDispatcher, expert_shards, global_expert_counts
 from parallel.topology import Topology
 
@@ -40,18 +42,24 @@ class ZeroEngine:
     def eval_forward(self, batch: Batch):
         return eval_forward(self.model, batch, self.make_context)
 
+    def step_batches(self, batches: list[Batch]) -> list[Batch]:
+        """This rank's micro-batches with the step's global counts (summed over dp)."""
+        group = self.topology.group("dp") if self.topology.size("dp") > 1 else None
+        return with_step_counts(batches, self.model.cfg.mtp.depth, group)
+
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         # reduce-scatter buckets while the last backward still runs
-        return run_micro_batches(self.model, batches, self.make_context, before_last=self.zero.overlap_next_backward)
+        return run_micro_batches(self.model, self.step_batches(batches), self.make_context,
+                                 before_last=self.zero.overlap_next_backward)
 
     def reduce_metrics(self, m: StepMetrics) -> StepMetrics:
-        """Losses averaged over dp ranks; expert loads summed over the whole world, so every rank
+        """Losses (each rank's share of the step's) summed over dp ranks; expert loads summed over the whole world, so every rank
         applies the same bias update (and MaxVio is the global one); all-to-all bytes summed."""
         topo = self.topology
         if topo.size("dp") > 1:
             t = torch.tensor(m.losses(), dtype=torch.float64, device=self.device)
             dist.all_reduce(t, group=topo.group("dp"))
-            for key, value in zip(LOSS_KEYS, (t / topo.size("dp")).tolist()):
+            for key, value in zip(LOSS_KEYS, t.tolist()):
                 setattr(m, key, value)
         if m.expert_counts is not None:
             m.expert_counts = global_expert_counts(m.expert_counts, topo)
