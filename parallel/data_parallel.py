@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 from parallel.expert import expert_shards
 from parallel.adamw import adamw_update_
+from parallel.sharded_state import FlatChunks
+
+OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 # all_gather_into_tensor is deprecated (a FutureWarning on every call) where all_gather_single exists
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -247,7 +250,25 @@ class ZeroAdamW:
             for _, p, _ in b.params:
                 p.grad = None
 
-    # ---- checkpoint view: full per-parameter state (gathered over the bucket's group)
+    # ---- checkpoint view: this rank's shard, as chunks of the global per-parameter tensors
+    def shard_chunks(self, where: dict[str, tuple[tuple, int]], skip: set[str] = frozenset()) -> dict[str, FlatChunks]:
+        """{"<name>.<master|exp_avg|exp_avg_sq>": FlatChunks} over the live shards (no copy) of every
+        parameter this rank owns a part of. `where[name]`: (global shape, flat index of this rank's
+        local parameter in the global one: nonzero for expert rows under ep); `skip`: names left
+        out (a copy another rank writes)."""
+        out: dict[str, FlatChunks] = {}
+        for b in self.buckets:
+            first = b.index * b.shard
+            for name, p, off in b.params:
+                lo, hi = max(off, first), min(off + p.numel(), first + b.shard)
+                if lo >= hi or name in skip:
+                    continue
+                shape, start = where[name]
+                for key in OPT_KEYS:
+                    out[f"{name}.{key}"] = FlatChunks(getattr(b, key)[lo - first:hi - first], shape, start + lo - off)
+        return out
+
+    # ---- full per-parameter state (gathered over the bucket's group): for tests and tools only
     def full_state(self) -> dict[str, dict[str, Tensor]]:
         """{param name: {"exp_avg", "exp_avg_sq", "master"}} with the shapes of the local params."""
         out: dict[str, dict[str, Tensor]] = {}

@@ -85,6 +85,7 @@ class PipelineZeroAdamW(ZeroAdamW):
 
     def __init__(self, model, topology, *, skip_in_norm: set[str], **kwargs):
         super().__init__(model, topology, **kwargs)
+        self.duplicates = skip_in_norm  # their ZeRO state is checkpointed by the lowest pp holder
         self._norm_masks = []
         for b in self.buckets:
             skipped = [(p, off) for name, p, off in b.params if name in skip_in_norm]
