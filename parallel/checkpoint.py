@@ -321,13 +321,18 @@ def load(path: str, engine: Stateful) -> dict | None:
     try:
         dcp.load(tensors, storage_reader=reader, planner=ChunkLoadPlanner())
     except CheckpointException as e:
-        bad = [line.split("ChunkChecksumError: ", 1)[1] for line in str(e).splitlines() if "ChunkChecksumError: " in line]
-        if bad:  # one line, as for the files hashed whole
-            raise CheckpointError(f"{path}/dcp/{bad[0]}; the checkpoint is corrupt: delete it to resume from the "
-                                  "previous one") from None
+        _raise_if_corrupt(path, e)
         raise
     engine.load_state_dict(tensors)
     return None if weights_only else state
+
+
+def _raise_if_corrupt(path: str, e: BaseException) -> None:
+    """A DCP failure caused by an item whose checksum differs: one CheckpointError line."""
+    bad = [line.split("ChunkChecksumError: ", 1)[1] for line in str(e).splitlines() if "ChunkChecksumError: " in line]
+    if bad:
+        raise CheckpointError(f"{path}/dcp/{bad[0]}; the checkpoint is corrupt: delete it to resume from the "
+                              "previous one") from None
 
 
 def _manifest_chunks(path: str) -> dict[str, list]:
@@ -413,14 +418,17 @@ def read_dcp(path: str) -> dict:
 
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path}: no .metadata; not a DCP checkpoint")
+    parent = os.path.dirname(os.path.normpath(path))
+    chunks = _manifest_chunks(parent) if os.path.isfile(os.path.join(parent, "manifest.json")) else None
     try:
-        reader = safe_reader(path)
+        reader = safe_reader(path, chunks)  # in a checkpoint directory: every item checked as it is read
     except UnsafeCheckpointError as e:
         raise CheckpointError(str(e)) from None
     state: dict = {}
     try:
         _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        _raise_if_corrupt(parent, e)
         raise CheckpointError(f"{path}: DCP checkpoint unreadable ({type(e).__name__}: {str(e)[:300]})") from None
     return state
 
