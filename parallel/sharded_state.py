@@ -199,7 +199,6 @@ class VerifyingReader(FileSystemReader):
     def __init__(self, path: str, chunks: dict[str, list[list]] | None):
         super().__init__(path)
         self.expected = {(f, off): (n, digest) for f, rows in (chunks or {}).items() for off, n, digest in rows}
-        self.bytes_read = 0
 
     def _slice_file(self, file, sinfo):
         want = self.expected.get((sinfo.relative_path, sinfo.offset))
@@ -207,7 +206,6 @@ class VerifyingReader(FileSystemReader):
             return super()._slice_file(file, sinfo)
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
-        self.bytes_read += len(data)
         if len(data) != want[0] or hashlib.sha256(data).hexdigest() != want[1]:
             raise ChunkChecksumError(f"{sinfo.relative_path}: bytes {sinfo.offset}..{sinfo.offset + sinfo.length} "
                                      "differ from the checksum in manifest.json")

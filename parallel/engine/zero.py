@@ -5,8 +5,8 @@ Every rank builds the full single-process model with the same seeds; with ep > 1
 dispatcher; `parallel.data_parallel.ZeroAdamW` owns the sharded optimizer state and reduce-
 scatters gradient buckets from hooks during the last micro-batch's backward. Every micro-batch's
 loss is its share of the step's per-token loss (`base.with_step_counts`), so gradients and logged
-losses are summed over dp; expert loads are summed over the world so every rank applies the same router
-bias update (section 2.1.2).
+losses are summed over dp; expert loads are summed over the world so every rank applies the same
+router bias update (section 2.1.2).
 
 Checkpoint tensors: `model.<name>` and `optim.<name>.{master,exp_avg,exp_avg_sq}` at their global
 shapes (expert tensors are DTensors sharded on dim 0 over the ep group; each rank's ZeRO shard is
@@ -54,8 +54,9 @@ class ZeroEngine:
                                  before_last=self.zero.overlap_next_backward)
 
     def reduce_metrics(self, m: StepMetrics) -> StepMetrics:
-        """Losses (each rank's share of the step's) summed over dp ranks; expert loads summed over the whole world, so every rank
-        applies the same bias update (and MaxVio is the global one); all-to-all bytes summed."""
+        """Losses (each rank's share of the step's) summed over dp ranks; expert loads summed over
+        the whole world, so every rank applies the same bias update (and MaxVio is the global
+        one); all-to-all bytes summed."""
         topo = self.topology
         if topo.size("dp") > 1:
             t = torch.tensor(m.losses(), dtype=torch.float64, device=self.device)
