@@ -6,6 +6,9 @@ every document), its document index in the row (segment id, -1 on padding; atten
 crosses segments) and its next-token label (-100 at each document's last token and on padding,
 so no document predicts the next one). `mtp_labels(batch, k)` gives the targets of MTP depth k
 (DeepSeek-V3 section 2.2): position i predicts token i+k+1 when it is still in i's document.
+`step_counts` carries the step's global numbers of rows and targets (`target_counts` summed over
+every micro-batch of every data-parallel rank): the model divides its summed token losses by them,
+so a step's loss is the same whatever the layout (`model.loss`).
 
 Legend: B rows, L row length.
 """
@@ -26,9 +29,13 @@ class Batch:
     positions: Tensor    # [B,L] long, restart at 0 per document
     segment_ids: Tensor  # [B,L] long, document index in the row, -1 on padding
     labels: Tensor       # [B,L] long, next token in the same document, -100 elsewhere
+    # [2 + D] of the whole step (every micro-batch of every data-parallel rank): rows, lm targets,
+    # targets of each MTP depth; set by the engine (`with_step_counts`), None = this batch alone
+    step_counts: Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
 
 
 
@@ -74,6 +81,13 @@ def shifted_targets(tokens_BL: Tensor, seg_BL: Tensor, shift: int) -> Tensor:
     same = (seg_BL[:, shift:] == seg_BL[:, :-shift]) & (seg_BL[:, :-shift] >= 0)
     out[:, :-shift] = torch.where(same, tokens_BL[:, shift:], torch.full_like(tokens_BL[:, shift:], IGNORE))
     return out
+
+
+def target_counts(batch: Batch, mtp_depth: int) -> Tensor:
+    """[2 + mtp_depth] float64: rows, lm targets, then the targets of each MTP depth of `batch`."""
+    rows = torch.full((1,), float(batch.tokens.shape[0]), dtype=torch.float64, device=batch.tokens.device)
+    targets = [(mtp_labels(batch, k) != IGNORE).sum(dtype=torch.float64)[None] for k in range(mtp_depth + 1)]
+    return torch.cat([rows, *targets])  # on the batch's device: no host sync
 
 
 def mtp_labels(batch: Batch, depth: int) -> Tensor:

@@ -38,12 +38,14 @@ class Context:
     expert_counts: Tensor      # [N,E] fp32, tokens routed per expert (valid tokens only)
     block_mask: object = None  # flex_attention BlockMask ("flex" only)
     balance_losses: list = field(default_factory=list)
+    row_share: Tensor | float = 1.0  # this batch's rows / the step's rows (`Batch.step_counts`)
 
     def balance_loss(self) -> Tensor:
-        """Sum of the balance losses recorded by the MoE layers that ran with this context."""
+        """Sum of the balance losses recorded by the MoE layers that ran with this context (each a
+        mean over rows), times the batch's share of the step's rows."""
         if not self.balance_losses:
             return self.expert_counts.new_zeros(())
-        return torch.stack([x.float() for x in self.balance_losses]).sum()
+        return torch.stack([x.float() for x in self.balance_losses]).sum() * self.row_share
 
 
 def attention_mask(segment_ids_BL: Tensor) -> Tensor:
@@ -94,4 +96,6 @@ def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int,
         mask=additive_mask(attention_mask(seg)) if path == "dense" else None,
         block_mask=document_block_mask(seg) if path == "flex" else None, valid=seg >= 0,
         expert_counts=torch.zeros(n_moe_layers, num_experts, device=cos_table.device),
+        row_share=1.0 if getattr(batch, "step_counts", None) is None else
+        (pos.shape[0] / batch.step_counts[0].to(cos_table.device)).float(),
     )

@@ -13,6 +13,11 @@ chunks: on CPU about 1 MB of fp32 each, so that a chunk stays in cache across it
 (log_softmax / softmax, gather or scatter, scale); on other devices up to 512 MB, which bounds the
 fp32 copy of bf16 logits.
 
+A training step's loss is the sum of token losses over its whole batch (all micro-batches of all
+data-parallel ranks) divided by the number of its targets, as Megatron's per-token loss and
+torchtitan do: each micro-batch passes the step's global count as `denominator`, so its loss is
+its share of that one mean and the shares sum to the same loss at every layout and padding.
+
 Legend: N tokens, V vocab.
 """
 from __future__ import annotations
@@ -30,10 +35,12 @@ def chunk_rows(logits_NV: Tensor) -> int:
 
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """logits [N, V], targets [N] (IGNORE to skip) -> mean cross-entropy over kept targets."""
+    """logits [N, V], targets [N] (IGNORE to skip) -> summed cross-entropy over kept targets divided
+    by their count, or by `denominator` (the step's global target count) when given."""
 
     @staticmethod
-    def forward(ctx, logits_NV: Tensor, targets_N: Tensor, overwrite_logits: bool = False) -> Tensor:
+    def forward(ctx, logits_NV: Tensor, targets_N: Tensor, overwrite_logits: bool = False,
+                denominator: Tensor | None = None) -> Tensor:
         dtype = torch.promote_types(logits_NV.dtype, torch.float32)
         keep_N = targets_N != IGNORE
         index_N1 = targets_N.clamp(min=0)[:, None]
@@ -41,7 +48,7 @@ class TokenCrossEntropy(torch.autograd.Function):
         target_logp_N = torch.cat([
             torch.log_softmax(logits_NV[i:i + rows], dim=-1, dtype=dtype).gather(1, index_N1[i:i + rows])[:, 0]
             for i in range(0, logits_NV.shape[0], rows)])
-        count = keep_N.sum().clamp(min=1)
+        count = (keep_N.sum() if denominator is None else denominator.to(keep_N.device)).clamp(min=1).to(dtype)
         ctx.save_for_backward(logits_NV, targets_N, count)
         ctx.overwrite_logits = overwrite_logits
         return -torch.where(keep_N, target_logp_N, 0.0).sum() / count
@@ -61,15 +68,17 @@ class TokenCrossEntropy(torch.autograd.Function):
             prob = torch.softmax(logits_NV[chunk], dim=-1, dtype=dtype)   # read before the chunk is written
             prob.scatter_add_(1, index_N1[chunk], minus_one_N1[chunk])
             torch.mul(prob, scale_N1[chunk], out=grad_NV[chunk])
-        return grad_NV, None, None
+        return grad_NV, None, None, None
 
 
-def token_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor, overwrite_logits: bool = False) -> Tensor:
-    """Mean cross-entropy over non-ignored targets (0 when there are none), in fp32 or wider.
+def token_cross_entropy(logits_BLV: Tensor, targets_BL: Tensor, overwrite_logits: bool = False,
+                        denominator: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over non-ignored targets (0 when there are none), in fp32 or wider;
+    with `denominator` the sum is divided by it instead (a share of the step's per-token loss).
     overwrite_logits: the backward writes the logits' gradient into their storage (for logits that
     nothing reads after the loss; never a leaf)."""
     if overwrite_logits and logits_BLV.is_leaf and logits_BLV.requires_grad:
         raise ValueError("overwrite_logits=True on a leaf tensor: its values would become its gradient; "
                          "pass overwrite_logits=False")
     return TokenCrossEntropy.apply(logits_BLV.reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
-                                   overwrite_logits)
+                                   overwrite_logits, denominator)

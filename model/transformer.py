@@ -8,7 +8,10 @@ parameter names (blocks are `layers.<global index>`), so that checkpoints, ZeRO 
 router-bias update see one model. A stage with the head also uses the embedding when MTP (or
 tied embeddings) needs it: under pipeline parallelism that copy's gradient is summed with the
 first stage's, as for tied embeddings in Megatron. Losses: lm + mtp.loss_weight * mean MTP loss
-+ the sequence-wise balance losses (DeepSeek-V3 sections 2.1-2.2).
++ the sequence-wise balance losses (DeepSeek-V3 sections 2.1-2.2). A batch that carries its
+step's counts (`Batch.step_counts`) yields its share of the step's loss: token losses summed and
+divided by the step's target count per head, balance losses (means over rows) weighted by its
+share of the step's rows; the shares of a step's micro-batches and ranks sum to its loss.
 
 MoE layers of the full model (main MoE blocks in order, then the MoE blocks of the MTP modules)
 each own one row of `expert_counts` [n_moe_layers, E]; a stage leaves the rows it does not own
@@ -89,12 +92,15 @@ class StageForward(nn.Module):
             raise RuntimeError("head_loss called on a stage built with head=False")
         ctx = self.make_context(batch) if ctx is None else ctx
         # the logits are temporaries read only by the loss: their storage takes their gradient
-        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels, overwrite_logits=True)
+        counts = batch.step_counts  # [rows, lm targets, MTP targets per depth] of the step, or None
+        lm = token_cross_entropy(self.head(self.norm(h_BLD)), batch.labels, overwrite_logits=True,
+                                 denominator=None if counts is None else counts[1])
         mtp_losses, h_prev = [], h_BLD
         for k, module in enumerate(self.mtp, start=1):
             h_prev = module(h_prev, self.embed(shift_tokens(batch.tokens, k)), ctx)
             mtp_losses.append(token_cross_entropy(self.head(module.norm(h_prev)), mtp_labels(batch, k),
-                                                  overwrite_logits=True))
+                                                  overwrite_logits=True,
+                                                  denominator=None if counts is None else counts[1 + k]))
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
         balance = ctx.balance_loss()
         loss = lm + self.cfg.mtp.loss_weight * mtp + balance

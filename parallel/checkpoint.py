@@ -14,8 +14,12 @@ the directory name.
 
 The DCP part holds the engine's tensors (`parallel.engine`), whatever the layout, under their
 single-process names and *global* shapes: `model.<param>`, `optim.<param>.{master,exp_avg,
-exp_avg_sq}` and `optim.step`. A sharded run writes its expert rows as DTensor shards and its
-gathered ZeRO-1 state; on load DCP reads whichever slices the new layout's rank holds. So every
+exp_avg_sq}` and `optim.step`. A sharded run writes its expert rows as DTensor shards and each
+rank its own ZeRO-1 shard as chunks of the global tensors (`parallel.sharded_state`), nothing
+gathered; on load DCP reads whichever chunks overlap what the new layout's rank holds, straight
+into its shards. Each writer hashes the items it writes; the manifest keeps those per-item
+hashes for the DCP data files (whole-file hashes for the small files), and a loading rank checks
+each item it reads, so no rank rereads the checkpoint to verify it. So every
 checkpoint resumes at every layout (one process, dp x ep, pp) through one path, `load`; a
 checkpoint without optimizer tensors holds weights only (`trainer.import_hf`).
 
@@ -34,8 +38,10 @@ import pickle
 import random
 import re
 import shutil
+import math
 import threading
 import warnings
+import zlib
 from typing import Protocol
 
 import numpy as np
@@ -43,8 +49,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data.identity import sha256_file
+from parallel.sharded_state import ChunkLoadPlanner, ChunkSavePlanner, FlatChunks, HashingWriter, VerifyingReader
 from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
@@ -176,8 +184,12 @@ def _files(top: str) -> list[str]:
     return sorted(out)
 
 
-def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yaml: str, keep_last: int) -> str:
-    """Add state.pt, config.yaml and the manifest of every file under `tmp`, rename, prune."""
+def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yaml: str, keep_last: int,
+             chunks: dict[str, list] | None = None) -> str:
+    """Add state.pt, config.yaml and the manifest of every file under `tmp`, rename, prune.
+    `chunks`: {DCP data file: [[offset, length, sha256]]}, the hashes its writers took of each
+    item as they wrote it; those files are not reread here, the others (small) are hashed whole."""
+    chunks = {os.path.join("dcp", f): rows for f, rows in (chunks or {}).items()}
     with open(os.path.join(tmp, "state.pt"), "wb") as f:
         torch.save(_to_plain(state), f)
         f.flush()
@@ -186,7 +198,8 @@ def finalize(root: str, tmp: str, final: str, step: int, state: dict, config_yam
         f.write(config_yaml)
         f.flush()
         os.fsync(f.fileno())
-    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
+    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)),
+                 **({"chunks": sorted(chunks[n])} if n in chunks else {"sha256": sha256_file(os.path.join(tmp, n))})}
              for n in _files(tmp)}
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
@@ -227,11 +240,14 @@ def write_checkpoint(root: str, step: int, state: dict, config_yaml: str, keep_l
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     try:
+        chunks = None
         if tensors is not None:
+            writer = HashingWriter(os.path.join(tmp, "dcp"))
             with warnings.catch_warnings():  # DCP warns that it saves from a single process: it is meant
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"), no_dist=True)
-        return finalize(root, tmp, final, step, state, config_yaml, keep_last)
+                dcp.save(tensors, storage_writer=writer, planner=ChunkSavePlanner(), no_dist=True)
+            chunks = writer.chunk_hashes()
+        return finalize(root, tmp, final, step, state, config_yaml, keep_last, chunks)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -251,9 +267,11 @@ def disk_full_message(root: str, step: int) -> str:
 
 
 def save(root: str, step: int, tensors: dict[str, Tensor], state: dict, config_yaml: str, keep_last: int,
-         topology: Topology) -> str:
-    """Collective save at any layout: every rank writes its DCP shards, rank 0 adds state.pt,
-    config.yaml and the manifest and renames the directory into place."""
+         topology: Topology, group=None) -> str:
+    """Collective save at any layout: every rank writes its DCP chunks (`parallel.sharded_state`:
+    its own shards, replicated tensors by one rank) hashing them as it writes; rank 0 gathers the
+    hash tables (small), adds state.pt, config.yaml and the manifest and renames the directory.
+    `group`: the process group of the save's collectives (default: the world's)."""
     if topology.world_size == 1:
         return write_checkpoint(root, step, state, config_yaml, keep_last, tensors)
     final = os.path.join(root, f"step_{step:08d}")
@@ -263,17 +281,21 @@ def save(root: str, step: int, tensors: dict[str, Tensor], state: dict, config_y
         if os.path.exists(tmp):  # our own earlier attempt; other leftovers go at start-up, under the lock
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    dist.barrier()
-    dcp.save(tensors, checkpoint_id=os.path.join(tmp, "dcp"))
-    dist.barrier()
+    dist.barrier(group=group)
+    writer = HashingWriter(os.path.join(tmp, "dcp"))
+    dcp.save(tensors, storage_writer=writer, planner=ChunkSavePlanner(), process_group=group)
+    tables = [None] * topology.world_size if topology.rank == 0 else None
+    dist.gather_object(writer.chunk_hashes(), tables, dst=0, group=group)
     if topology.rank == 0:
-        finalize(root, tmp, final, step, state, config_yaml, keep_last)
-    dist.barrier()
+        finalize(root, tmp, final, step, state, config_yaml, keep_last, {f: r for t in tables for f, r in t.items()})
+    dist.barrier(group=group)
     return final
 
 
 class Stateful(Protocol):
-    """What `load` fills: an engine (`parallel.engine`), whose tensors carry single-process names."""
+    """What `load` fills: an engine (`parallel.engine`), whose tensors carry single-process names
+    (an engine may also offer `load_targets()`, the views DCP reads into, when they differ from
+    what it writes)."""
 
     def state_dict(self) -> dict[str, Tensor]: ...
 
@@ -286,9 +308,9 @@ def load(path: str, engine: Stateful) -> dict | None:
     whichever slices this rank holds) and returns the small state (step, data position, RNG);
     None for a weights-only checkpoint (no optimizer state: `trainer.import_hf`)."""
     state = read_checkpoint(path)
-    reader = _dcp_reader(path)
+    reader = _dcp_reader(path, _manifest_chunks(path))
     saved = set(reader.read_metadata().state_dict_metadata)
-    tensors = engine.state_dict()
+    tensors = getattr(engine, "load_targets", engine.state_dict)()  # an engine may read into other views
     weights_only = "optim.step" not in saved
     if weights_only:
         tensors = {k: v for k, v in tensors.items() if k.startswith("model.")}
@@ -296,18 +318,37 @@ def load(path: str, engine: Stateful) -> dict | None:
     if missing:
         raise CheckpointError(f"{path}: has no {missing[:3]} ({len(missing)} tensors missing); the model config "
                               f"differs from the checkpoint's config.yaml")
-    dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())  # one process: no warning
+    try:
+        dcp.load(tensors, storage_reader=reader, planner=ChunkLoadPlanner(),
+                 no_dist=not dist.is_initialized())  # one process: no warning
+    except CheckpointException as e:
+        _raise_if_corrupt(path, e)
+        raise
     engine.load_state_dict(tensors)
     return None if weights_only else state
 
 
-def _dcp_reader(path: str):
+def _raise_if_corrupt(path: str, e: BaseException) -> None:
+    """A DCP failure caused by an item whose checksum differs: one CheckpointError line."""
+    bad = [line.split("ChunkChecksumError: ", 1)[1] for line in str(e).splitlines() if "ChunkChecksumError: " in line]
+    if bad:
+        raise CheckpointError(f"{path}/dcp/{bad[0]}; the checkpoint is corrupt: delete it to resume from the "
+                              "previous one") from None
+
+
+def _manifest_chunks(path: str) -> dict[str, list]:
+    """{DCP data file (relative to dcp/): [[offset, length, sha256]]} from the manifest."""
+    files = _read_manifest(path, os.path.join(path, "manifest.json"))
+    return {name[len("dcp/"):]: meta["chunks"] for name, meta in files.items() if "chunks" in meta}
+
+
+def _dcp_reader(path: str, chunks: dict[str, list] | None = None):
     where = os.path.join(path, "dcp")
     if not os.path.isfile(os.path.join(where, ".metadata")):
         raise CheckpointError(f"{path}: no dcp/.metadata; written by an older version of this trainer "
                               "(tensors inside state.pt), which this one cannot resume")
     try:
-        return safe_reader(where)
+        return safe_reader(where, chunks)
     except UnsafeCheckpointError as e:
         raise CheckpointError(str(e)) from None
 
@@ -324,14 +365,17 @@ def resume_path(resume: str, output_dir: str) -> str | None:
 
 
 def read_checkpoint(path: str) -> dict:
-    """Verify the manifest, then load `state.pt` with weights_only=True."""
+    """Verify the manifest (sizes of all files, checksums of the files hashed whole; DCP data
+    files hashed per item are checked item by item as `load` reads them), then load `state.pt`
+    with weights_only=True."""
     manifest_path = os.path.join(path, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"{path}: no manifest.json; not a complete checkpoint")
     files = _read_manifest(path, manifest_path)
     for name, meta in files.items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or sha256_file(file) != meta["sha256"]:
+        if not os.path.isfile(file) or os.path.getsize(file) != meta["bytes"] or \
+                ("sha256" in meta and sha256_file(file) != meta["sha256"]):
             raise CheckpointError(f"{file}: size or checksum differs from manifest.json; the checkpoint is "
                                   "corrupt: delete it to resume from the previous one")
     try:
@@ -347,12 +391,15 @@ def _read_manifest(path: str, manifest_path: str) -> dict:
             manifest = json.load(f)
         files, step = manifest["files"], manifest["step"]
         ok = isinstance(files, dict) and all(
-            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and (isinstance(m.get("sha256"), str) or (
+                isinstance(m.get("chunks"), list) and all(
+                    isinstance(c, list) and len(c) == 3 and isinstance(c[0], int) and isinstance(c[1], int)
+                    and isinstance(c[2], str) for c in m["chunks"])))
             for m in files.values())
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
     if not ok:
-        raise CheckpointError(f"{manifest_path}: 'files' must map names to {{bytes, sha256}}")
+        raise CheckpointError(f"{manifest_path}: 'files' must map names to {{bytes, sha256 or chunks}}")
     bad = [n for n in files if not isinstance(n, str) or os.path.isabs(n)
            or any(part in ("", ".", "..") for part in n.split("/"))]
     if bad:
@@ -372,22 +419,27 @@ def read_dcp(path: str) -> dict:
 
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path}: no .metadata; not a DCP checkpoint")
+    parent = os.path.dirname(os.path.normpath(path))
+    chunks = _manifest_chunks(parent) if os.path.isfile(os.path.join(parent, "manifest.json")) else None
     try:
-        reader = safe_reader(path)
+        reader = safe_reader(path, chunks)  # in a checkpoint directory: every item checked as it is read
     except UnsafeCheckpointError as e:
         raise CheckpointError(str(e)) from None
     state: dict = {}
     try:
         _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        _raise_if_corrupt(parent, e)
         raise CheckpointError(f"{path}: DCP checkpoint unreadable ({type(e).__name__}: {str(e)[:300]})") from None
     return state
 
 
 class AsyncWriter:
-    """Runs `write_checkpoint` in one background thread; `wait()` before the next save or exit."""
+    """Runs one save function at a time in a background thread; `wait()` before the next save or
+    exit re-raises its error on the training thread."""
 
-    def __init__(self):
+    def __init__(self, write=None):
+        self.write = write or write_checkpoint
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -396,7 +448,7 @@ class AsyncWriter:
 
         def run():
             try:
-                write_checkpoint(*args)
+                self.write(*args)
             except BaseException as e:  # re-raised on the training thread by wait()
                 self._error = e
 
@@ -440,9 +492,9 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class")
 
 
-def safe_reader(path: str):
-    """A FileSystemReader for `path` whose metadata was read by the restricted unpickler."""
-    from torch.distributed.checkpoint import FileSystemReader
+def safe_reader(path: str, chunks: dict[str, list] | None = None):
+    """A FileSystemReader for `path` whose metadata was read by the restricted unpickler; with
+    `chunks` (the manifest's item hashes) it checks every item it reads."""
     from torch.distributed.checkpoint.metadata import StorageMeta
     try:
         with open(os.path.join(path, ".metadata"), "rb") as f:
@@ -450,35 +502,87 @@ def safe_reader(path: str):
     except Exception as e:  # any failure of an untrusted pickle is one error
         raise UnsafeCheckpointError(f"{path}/.metadata: not loadable safely ({type(e).__name__}: {e})") from None
 
-    class SafeReader(FileSystemReader):
+    class SafeReader(VerifyingReader):
         def read_metadata(self, *args, **kwargs):
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    return SafeReader(path)
+    return SafeReader(path, chunks)
 
 
 class Checkpointer:
-    """The saves of one run. Every rank calls `save`; a run of one process may write in a
-    background thread (`async_save`) from CPU copies of its tensors."""
+    """The saves of one run. Every rank calls `save`. With `async_save` the rank stages what it
+    writes (`stage`: its ZeRO and expert shards and its share of the replicated tensors) into host
+    memory, pinned where CUDA is, and a background thread writes it while training goes on; the
+    collectives of a multi-rank save run on a gloo group of their own, so they never interleave
+    with the training's. A save waits for the previous one; the directory is renamed into place
+    only when every rank's part is written, so a crash mid-write leaves the previous checkpoint
+    as the latest."""
 
     def __init__(self, root: str, config_yaml: str, keep_last: int, topology: Topology, async_save: bool):
         self.root, self.config_yaml, self.keep_last, self.topology = root, config_yaml, keep_last, topology
-        self.writer = AsyncWriter() if async_save and topology.world_size == 1 else None
+        self.writer, self.group = None, None
+        if async_save:
+            self.writer = AsyncWriter(write_checkpoint if topology.world_size == 1 else save)
+            if topology.world_size > 1:
+                self.group = dist.new_group(backend="gloo")  # every rank builds the Checkpointer
 
-    def save(self, step: int, tensors: dict[str, Tensor], state: dict) -> None:
+    def save(self, step: int, tensors: dict, state: dict) -> None:
         if self.writer is None:
             path = save(self.root, step, tensors, state, self.config_yaml, self.keep_last, self.topology)
             log.info("saved checkpoint %s", path)
             return
-        # training goes on mutating the live tensors
-        self.writer.submit(self.root, step, _cpu_copy(state), self.config_yaml, self.keep_last, _cpu_copy(tensors))
+        self.writer.wait()  # the previous save's staging buffers are free again
+        staged = stage(tensors, self.topology)  # training goes on mutating the live tensors
+        if self.topology.world_size == 1:
+            self.writer.submit(self.root, step, _cpu_copy(state), self.config_yaml, self.keep_last, staged)
+        else:
+            self.writer.submit(self.root, step, staged, _cpu_copy(state), self.config_yaml, self.keep_last,
+                               self.topology, self.group)
 
     def wait(self) -> None:
         if self.writer is not None:
             self.writer.wait()
+
+
+def _host_copy(t: Tensor) -> Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    return out.copy_(t.detach(), non_blocking=t.is_cuda)
+
+
+def _writes_replica(key: str, topology: Topology, kind: str) -> bool:
+    """Whether this rank writes `key`, a tensor every rank of its `kind` group holds alike."""
+    if topology.world_size == 1 or topology.size(kind) == 1:
+        return True
+    return zlib.crc32(key.encode()) % topology.size(kind) == topology.ranks(kind).index(topology.rank)
+
+
+def stage(tensors: dict, topology: Topology) -> dict:
+    """Host copies of what this rank writes: its `FlatChunks` and expert DTensor shards (as
+    chunks), and the replicated tensors assigned to it (one rank of each group of holders, by a
+    hash of the name), so that a rank stages its share and not the model."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for key, v in tensors.items():
+        if isinstance(v, FlatChunks):
+            out[key] = FlatChunks(_host_copy(v.local), v.global_shape, v.start)
+        elif isinstance(v, DTensor):
+            if _writes_replica(key, topology, "edp"):  # expert rows, sharded on dim 0 over ep
+                start = _row_offset(v) * math.prod(v.shape[1:])
+                out[key] = FlatChunks(_host_copy(v.to_local()).reshape(-1), tuple(v.shape), start)
+        elif _writes_replica(key, topology, "dp"):
+            out[key] = _host_copy(v)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies have landed before the writer reads them
+    return out
+
+
+def _row_offset(v) -> int:
+    """First global row of a DTensor sharded on dim 0 (this rank's chunk)."""
+    from torch.distributed.checkpoint.planner_helpers import _create_chunk_from_dtensor
+    return int(_create_chunk_from_dtensor(v).offsets[0])
 
 
 def _cpu_copy(obj):

@@ -9,9 +9,10 @@ master copy and AdamW moments. Per step:
   3. each rank runs AdamW (`parallel.adamw.adamw_update_`, the single-process arithmetic) on its
      shard, then the shards are all-gathered back into the parameters.
 Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
-only over the expert-data-parallel group (edp = dp / ep). Both are divided by dp: an expert's
-gradient already sums the tokens of its whole ep group, so sum over edp / dp is the mean over
-all dp ranks' losses, exactly like the dense parameters.
+only over the expert-data-parallel group (edp = dp / ep). Both are multiplied by `grad_scale`:
+an expert's gradient already sums the tokens of its whole ep group, so the sum over edp is the sum
+over all dp ranks, exactly like the dense parameters; 1/dp (the default) makes it the mean of
+per-rank mean losses, 1.0 (the engines) the step's per-token loss, whose shares the ranks hold.
 
 Legend: N elements of a bucket (padded to a multiple of the group size), s = N / group size.
 """
@@ -26,6 +27,9 @@ from torch import Tensor, nn
 
 from parallel.expert import expert_shards
 from parallel.adamw import adamw_update_
+from parallel.sharded_state import FlatChunks
+
+OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 # all_gather_into_tensor is deprecated (a FutureWarning on every call) where all_gather_single exists
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -74,11 +78,14 @@ class ZeroAdamW:
 
     def __init__(self, model: nn.Module, topology, *, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, grad_clip: float = 0.0, bucket_mb: float = 25.0,
-                 moment_dtype: torch.dtype = torch.float32):
+                 moment_dtype: torch.dtype = torch.float32, grad_scale: float | None = None):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb = {bucket_mb}: must be positive")
         self.topology, self.lr, self.betas, self.eps = topology, lr, betas, eps
         self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
+        # factor on gradients before the reduce-scatter: 1/dp averages per-rank mean losses;
+        # 1.0 sums losses that are already shares of the step's (`parallel.engine.base.with_step_counts`)
+        self.grad_scale = 1.0 / topology.dp if grad_scale is None else grad_scale
         self._hooked, self._armed, self._next, self.launched_in_backward = False, False, 0, 0
         experts = expert_shards(model)
         spaces: dict[tuple[str, float], list] = {}
@@ -154,12 +161,13 @@ class ZeroAdamW:
         return on_grad
 
     def _launch(self, b: _Bucket) -> None:
-        """Flatten this bucket's gradients (averaged over dp) and start its reduce-scatter."""
+        """Flatten this bucket's gradients (times `grad_scale`) and start its reduce-scatter."""
         flat = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0][1].device)
         for _, p, off in b.params:
             if p.grad is not None:
                 flat[off:off + p.numel()] = p.grad.reshape(-1).float()
-        flat.mul_(1.0 / self.topology.dp)
+        if self.grad_scale != 1.0:
+            flat.mul_(self.grad_scale)
         if b.size == 1:
             b.grad, b.work = flat, None
         else:
@@ -242,7 +250,25 @@ class ZeroAdamW:
             for _, p, _ in b.params:
                 p.grad = None
 
-    # ---- checkpoint view: full per-parameter state (gathered over the bucket's group)
+    # ---- checkpoint view: this rank's shard, as chunks of the global per-parameter tensors
+    def shard_chunks(self, where: dict[str, tuple[tuple, int]], skip: set[str] = frozenset()) -> dict[str, FlatChunks]:
+        """{"<name>.<master|exp_avg|exp_avg_sq>": FlatChunks} over the live shards (no copy) of every
+        parameter this rank owns a part of. `where[name]`: (global shape, flat index of this rank's
+        local parameter in the global one: nonzero for expert rows under ep); `skip`: names left
+        out (a copy another rank writes)."""
+        out: dict[str, FlatChunks] = {}
+        for b in self.buckets:
+            first = b.index * b.shard
+            for name, p, off in b.params:
+                lo, hi = max(off, first), min(off + p.numel(), first + b.shard)
+                if lo >= hi or name in skip:
+                    continue
+                shape, start = where[name]
+                for key in OPT_KEYS:
+                    out[f"{name}.{key}"] = FlatChunks(getattr(b, key)[lo - first:hi - first], shape, start + lo - off)
+        return out
+
+    # ---- full per-parameter state (gathered over the bucket's group): for tests and tools only
     def full_state(self) -> dict[str, dict[str, Tensor]]:
         """{param name: {"exp_avg", "exp_avg_sq", "master"}} with the shapes of the local params."""
         out: dict[str, dict[str, Tensor]] = {}

@@ -105,7 +105,7 @@ class CheckpointConfig:
     every: int = doc(100, "Save every N steps (and at the end); 0 = only at the end.")
     keep_last: int = doc(2, "Keep this many most recent checkpoints; older ones are deleted.")
     resume: str = doc("auto", "auto (latest in output_dir if any), none, or a checkpoint directory.")
-    async_save: bool = doc(False, "Write checkpoints in a background thread.")
+    async_save: bool = doc(False, "Write checkpoints in a background thread, at every layout: each rank copies what it writes (its shards, its share of the replicated tensors) to host memory and training goes on; the next save waits for this one.")
     init_from: str = doc("", "Start this run (a stage, e.g. a long-context extension) from another run's final weights: its train.output_dir (latest checkpoint) or a checkpoint directory, relative to the working directory. Fresh step, schedule and data position; a checkpoint of this run's own output_dir wins (resume).")
     init_optimizer: bool = doc(False, "With init_from: also load the parent's AdamW state (default: fresh moments).")
 

@@ -38,6 +38,6 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     dispatcher = None
     if topology.ep > 1:
         dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
-    zero = ZeroAdamW.from_config(model, topology, cfg.optim)
+    zero = ZeroAdamW.from_config(model, topology, cfg.optim, grad_scale=1.0)  # losses are shares: sum
     apply_block_policies(model, cfg.train, device)
     return ZeroEngine(model, zero, topology, device, make_context, dispatcher)

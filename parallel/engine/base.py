@@ -15,13 +15,15 @@ Legend: N micro-batches of one step, E routed experts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from model.batch import Batch
+from model.batch import Batch, target_counts
 from parallel.topology import Topology
 
 ForwardContext = Callable[[], ContextManager]
@@ -30,7 +32,8 @@ LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 @dataclass
 class StepMetrics:
-    """One step's losses (means over its N micro-batches) and expert loads (sums)."""
+    """One step's losses (shares summed over its N micro-batches: see `with_step_counts`; after
+    `reduce_metrics`, over the data-parallel ranks too) and expert loads (sums)."""
 
     loss: float
     lm_loss: float
@@ -94,20 +97,35 @@ def eval_forward(model: nn.Module, batch: Batch, make_context: ForwardContext):
         return model(batch)
 
 
+def with_step_counts(batches: list[Batch], mtp_depth: int, dp_group=None) -> list[Batch]:
+    """The step's micro-batches, each carrying the step's global rows and target counts (summed
+    over them and, with `dp_group`, over the data-parallel ranks: one all-reduce per step, before
+    any forward). The model divides by these, so every micro-batch's loss is its share of the
+    step's per-token loss (`model.loss`) and the shares of all micro-batches and ranks sum to the
+    loss one process computes on the whole batch, whatever dp, ep, pp, micro-batch size, number
+    of micro-batches and padding are. Gradients are therefore summed, never averaged, over them."""
+    counts = torch.stack([target_counts(b, mtp_depth) for b in batches]).sum(0)
+    if dp_group is not None:
+        dist.all_reduce(counts, group=dp_group)
+    return [dataclasses.replace(b, step_counts=counts) for b in batches]
+
+
 def run_micro_batches(model: nn.Module, batches: list[Batch], make_context: ForwardContext,
                       before_last: Callable[[], None] | None = None) -> StepMetrics:
-    """Forward and backward of every micro-batch (loss scaled by 1/N); `before_last` runs
-    before the last one (ZeRO-1 arms its reduce-scatter hooks there)."""
+    """Forward and backward of every micro-batch (each carries its step's counts, so its loss is
+    its share of the step's: `with_step_counts`); losses are summed. `before_last` runs before
+    the last one (ZeRO-1 arms its reduce-scatter hooks there)."""
     n = len(batches)
+    assert all(b.step_counts is not None for b in batches), "micro-batches need with_step_counts"
     sums, counts = None, None
     for i, batch in enumerate(batches):
         if before_last is not None and i == n - 1:
             before_last()
         with make_context():
             out = model(batch)
-        (out.loss / n).backward()
+        out.loss.backward()
         # summed on the device in float64 (the same arithmetic as Python floats): no host sync per micro-batch
-        vals = torch.stack([getattr(out, key).detach().double() for key in LOSS_KEYS]) / n
+        vals = torch.stack([getattr(out, key).detach().double() for key in LOSS_KEYS])
         sums = vals if sums is None else sums + vals
         counts = out.expert_counts if counts is None else counts + out.expert_counts
     return StepMetrics(*sums.tolist(), expert_counts=counts)  # one host sync per step

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from model.batch import Batch
 from parallel.adamw import AdamW
-from parallel.engine.base import ForwardContext, StepMetrics, eval_forward, run_micro_batches
+from parallel.engine.base import ForwardContext, StepMetrics, eval_forward, run_micro_batches, with_step_counts
 from parallel.topology import Topology
 
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -31,7 +31,7 @@ class LocalEngine:
         return eval_forward(self.model, batch, self.make_context)
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
-        return run_micro_batches(self.model, batches, self.make_context)
+        return run_micro_batches(self.model, with_step_counts(batches, self.model.cfg.mtp.depth), self.make_context)
 
     def reduce_metrics(self, m: StepMetrics) -> StepMetrics:
         return m

@@ -85,6 +85,7 @@ class PipelineZeroAdamW(ZeroAdamW):
 
     def __init__(self, model, topology, *, skip_in_norm: set[str], **kwargs):
         super().__init__(model, topology, **kwargs)
+        self.duplicates = skip_in_norm  # their ZeRO state is checkpointed by the lowest pp holder
         self._norm_masks = []
         for b in self.buckets:
             skipped = [(p, off) for name, p, off in b.params if name in skip_in_norm]
@@ -135,7 +136,7 @@ class PipelineEngine(ZeroEngine):
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         topo = self.topology
-        self.batches[:] = batches  # the chunks' inputs
+        self.batches[:] = self.step_batches(batches)  # the chunks' inputs, with the step's counts
         self.runtime.run()
         reduce_shared_grads([self.model], topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))
         out = self._pp_metrics()
@@ -144,7 +145,7 @@ class PipelineEngine(ZeroEngine):
         return out
 
     def _pp_metrics(self) -> StepMetrics:
-        """Losses (means over micro-batches) and expert loads (sums), equal on every pp rank."""
+        """Losses (shares summed over micro-batches) and expert loads (sums), equal on every pp rank."""
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, lm, mtp, balance
         counts = torch.zeros(self.model.n_moe_layers, self.num_experts, device=self.device)
         for info in self.runtime.infos.values():
@@ -158,7 +159,7 @@ class PipelineEngine(ZeroEngine):
         dist.all_reduce(sums, group=group)
         if counts.numel():
             dist.all_reduce(counts, group=group)
-        loss, lm, mtp, balance = (sums / self.runtime.schedule.num_micro).tolist()
+        loss, lm, mtp, balance = sums.tolist()  # shares of the step's losses, summed
         return StepMetrics(loss=loss, lm_loss=lm, mtp_loss=mtp, balance_loss=balance, expert_counts=counts)
 
 
@@ -207,9 +208,11 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
         dispatcher = (parallelize_experts(model, topology, node_limited=node_limited) if model.moe_modules()
                       else AllToAllDispatcher(cfg.moe.num_experts, topology, node_limited))
     apply_stage_policies(model, cfg, device, split_w=has_w and provider is None)
-    zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology))
+    zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology),
+                                         grad_scale=1.0)
     runtime = PipelineRuntime(schedule, topology.pp_rank, [TrainChunk(c, make_context) for c in chunks],
                               group_ranks=topology.ranks("pp"), group=topology.group("pp"), device=device,
-                              pair=OverlapPairExecutor() if overlap else PairExecutor())
+                              pair=OverlapPairExecutor() if overlap else PairExecutor(),
+                              loss_scale=1.0)  # each loss is its share of the step's already
     return PipelineEngine(model, zero, topology, device, make_context, dispatcher, runtime, batches,
                           cfg.moe.num_experts)

@@ -3,15 +3,19 @@
 Every rank builds the full single-process model with the same seeds; with ep > 1,
 `parallel.expert.parallelize_experts` keeps this ep rank's experts and installs the all-to-all
 dispatcher; `parallel.data_parallel.ZeroAdamW` owns the sharded optimizer state and reduce-
-scatters gradient buckets from hooks during the last micro-batch's backward. Logged losses are
-averaged over dp; expert loads are summed over the world so every rank applies the same router
-bias update (section 2.1.2).
+scatters gradient buckets from hooks during the last micro-batch's backward. Every micro-batch's
+loss is its share of the step's per-token loss (`base.with_step_counts`), so gradients and logged
+losses are summed over dp; expert loads are summed over the world so every rank applies the same
+router bias update (section 2.1.2).
 
 Checkpoint tensors: `model.<name>` and `optim.<name>.{master,exp_avg,exp_avg_sq}` at their global
-shapes (expert tensors are DTensors sharded on dim 0 over the ep group; ZeRO shards are gathered
-per parameter over their group), plus `optim.step`, so any layout can load them.
+shapes (expert tensors are DTensors sharded on dim 0 over the ep group; each rank's ZeRO shard is
+written as chunks of the global per-parameter tensors, `parallel.sharded_state.FlatChunks`, and
+read back the same way, never gathered), plus `optim.step`, so any layout can load them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,11 +25,10 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.batch import Batch
 from parallel.data_parallel import ZeroAdamW
-from parallel.engine.base import LOSS_KEYS, ForwardContext, StepMetrics, eval_forward, run_micro_batches
+from parallel.engine.base import (LOSS_KEYS, ForwardContext, StepMetrics, eval_forward, run_micro_batches,
+                                  with_step_counts)
 from parallel.expert import AllToAllDispatcher, expert_shards, global_expert_counts
 from parallel.topology import Topology
-
-OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 class ZeroEngine:
@@ -40,18 +43,25 @@ class ZeroEngine:
     def eval_forward(self, batch: Batch):
         return eval_forward(self.model, batch, self.make_context)
 
+    def step_batches(self, batches: list[Batch]) -> list[Batch]:
+        """This rank's micro-batches with the step's global counts (summed over dp)."""
+        group = self.topology.group("dp") if self.topology.size("dp") > 1 else None
+        return with_step_counts(batches, self.model.cfg.mtp.depth, group)
+
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         # reduce-scatter buckets while the last backward still runs
-        return run_micro_batches(self.model, batches, self.make_context, before_last=self.zero.overlap_next_backward)
+        return run_micro_batches(self.model, self.step_batches(batches), self.make_context,
+                                 before_last=self.zero.overlap_next_backward)
 
     def reduce_metrics(self, m: StepMetrics) -> StepMetrics:
-        """Losses averaged over dp ranks; expert loads summed over the whole world, so every rank
-        applies the same bias update (and MaxVio is the global one); all-to-all bytes summed."""
+        """Losses (each rank's share of the step's) summed over dp ranks; expert loads summed over
+        the whole world, so every rank applies the same bias update (and MaxVio is the global
+        one); all-to-all bytes summed."""
         topo = self.topology
         if topo.size("dp") > 1:
             t = torch.tensor(m.losses(), dtype=torch.float64, device=self.device)
             dist.all_reduce(t, group=topo.group("dp"))
-            for key, value in zip(LOSS_KEYS, (t / topo.size("dp")).tolist()):
+            for key, value in zip(LOSS_KEYS, t.tolist()):
                 setattr(m, key, value)
         if m.expert_counts is not None:
             m.expert_counts = global_expert_counts(m.expert_counts, topo)
@@ -86,22 +96,27 @@ class ZeroEngine:
         if self.dispatcher is not None:
             self.dispatcher.stats.reset()
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Collective (gathers the ZeRO shards)."""
-        return sharded_state(self.model, self.topology, self.zero.full_state(), self.zero.step_count)
+    def state_dict(self) -> dict:
+        """What this rank writes: views of its tensors, nothing gathered or copied (module doc);
+        the ZeRO state of a parameter that a lower pp rank holds too is that rank's to write."""
+        return sharded_state(self.model, self.topology, self.zero, skip=getattr(self.zero, "duplicates", set()))
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Model tensors; the optimizer's too unless the checkpoint holds weights only (then the
-        fp32 masters are re-read from the loaded parameters and the moments start at zero)."""
-        local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
+    def load_targets(self) -> dict:
+        """What this rank reads (every shard it holds): DCP reads into these views in place."""
+        return sharded_state(self.model, self.topology, self.zero)
+
+    def load_state_dict(self, state: dict) -> None:
+        """After DCP has read into `load_targets()` (the ZeRO shards in place): the step; when the
+        checkpoint holds weights only, the fp32 masters are re-read from the loaded parameters and
+        the moments start at zero. Model tensors from elsewhere are copied in."""
+        local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()
+                 if k.startswith("model.")}
         with torch.no_grad():
-            self.model.load_state_dict({k[len("model."):]: v for k, v in local.items() if k.startswith("model.")})
-        if "optim.step" not in local:
+            self.model.load_state_dict({k[len("model."):]: v for k, v in local.items()})
+        if "optim.step" not in state:
             self.zero.reset_from_params()
             return
-        names = [name for b in self.zero.buckets for name, _, _ in b.params]
-        opt_state = {name: {k: local[f"optim.{name}.{k}"] for k in OPT_KEYS} for name in names}
-        self.zero.load_full_state(opt_state, int(local["optim.step"]))
+        self.zero.step_count = int(state["optim.step"])
 
 
 def _ep_mesh(topology: Topology, device: str) -> DeviceMesh | None:
@@ -120,14 +135,17 @@ def _wrap(t: Tensor, name: str, shards: dict, mesh: DeviceMesh | None):
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def sharded_state(model: nn.Module, topology: Topology, opt_state: dict[str, dict[str, Tensor]],
-                  step: int) -> dict:
-    """Checkpoint tensors of a model whose experts may be sharded over ep (see the module doc)."""
+def sharded_state(model: nn.Module, topology: Topology, zero: ZeroAdamW, skip: set[str] = frozenset()) -> dict:
+    """Checkpoint tensors of a model whose experts may be sharded over ep and whose optimizer
+    state is sharded by ZeRO-1 (see the module doc); `skip`: parameters whose ZeRO state is left out."""
     shards = expert_shards(model)
     mesh = _ep_mesh(topology, next(model.parameters()).device.type)
     state = {f"model.{k}": _wrap(v, k, shards, mesh) for k, v in model.state_dict().items()}
-    state["optim.step"] = torch.tensor(step, dtype=torch.int64)
-    for name, per in opt_state.items():
-        for key in OPT_KEYS:
-            state[f"optim.{name}.{key}"] = _wrap(per[key], name, shards, mesh)
+    state["optim.step"] = torch.tensor(zero.step_count, dtype=torch.int64)
+    where = {}
+    for name, p in model.named_parameters():
+        first, n_global = shards.get(name, (0, p.shape[0] if p.dim() else 1))
+        shape = (n_global, *p.shape[1:]) if p.dim() else ()
+        where[name] = (shape, first * math.prod(p.shape[1:]))
+    state.update({f"optim.{k}": v for k, v in zero.shard_chunks(where, skip).items()})
     return state

@@ -106,6 +106,7 @@ class PipelineRuntime:
     pair: PairExecutor = field(default_factory=PairExecutor)
     dynamic_shapes: bool = False    # True: every message carries its shape header
     record_timeline: bool = False   # True: `timeline` keeps (action, start, end) of every action
+    loss_scale: float | None = None  # factor of each loss in backward; None = 1 / micro-batches
 
     def __post_init__(self):
         if len(self.chunks) != self.schedule.placement.chunks_per_rank:
@@ -196,7 +197,8 @@ class PipelineRuntime:
     def backward_steps(self, m: int, c: int, op: str):
         """Generator: the backward (B or I) of (m, c); yields while an all-to-all is in flight."""
         saved = self._saved.pop((m, c))
-        res, scale = saved.result, 1.0 / self.schedule.num_micro
+        res = saved.result
+        scale = 1.0 / self.schedule.num_micro if self.loss_scale is None else self.loss_scale
         if res.loss is not None:
             targets, grads = [res.loss * scale], [None]
         else:

@@ -101,3 +101,35 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     rc, err = _run(_cmd(crash_dir, data, ["train.steps=9"]))
     assert rc == 2 and "state.pt" in err and "checksum" in err, err[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_kill_during_an_async_multi_rank_save_keeps_the_previous_checkpoint(tmp_path):
+    """2 ranks (dp 2) with checkpoint.async_save: every rank is SIGKILLed right after step 4's
+    save was handed to its background writer. The newest complete checkpoint is step 4 if the
+    write finished first, else step 2 (never a partial one); the resumed run repeats the killed
+    run's steps after it exactly."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    extra = ["checkpoint.async_save=true", "train.steps=6"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(random.Random().randint(20000, 40000))]
+    cmd = torchrun + _cmd(out, data, extra)[1:]
+    rc, err = _run(_cmd(out + "_prep", data, ["train.steps=1"]))  # prepares the data in one process
+    assert rc == 0, err[-2000:]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(MOEPIPE_KILL_AFTER_STEP="4"), capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode != 0
+    killed = {r["step"]: r for r in _rows(out)}
+    assert sorted(killed) == [1, 2, 3, 4]
+    from parallel.checkpoint import list_checkpoints
+    complete = [int(os.path.basename(c)[5:]) for c in list_checkpoints(os.path.join(out, "checkpoints"))]
+    assert complete and complete[-1] in (2, 4), complete
+    cmd[cmd.index("--master-port") + 1] = str(random.Random().randint(40001, 60000))
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = _rows(out)[4:]
+    assert [r["step"] for r in resumed] == list(range(complete[-1] + 1, 7))
+    for r in resumed:
+        if r["step"] in killed:
+            for key in ("loss", "grad_norm"):
+                assert r[key] == killed[r["step"]][key], (r["step"], key)
