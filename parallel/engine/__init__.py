@@ -1,7 +1,8 @@
 """Training engines: one per layout behind one protocol (`base.Engine`); `build_engine` picks it.
 
 - `local.LocalEngine`: one process, plain autograd and AdamW;
-- `zero.ZeroEngine`: data x expert parallelism with ZeRO-1 (DeepSeek-V3 section 3.1);
+- `zero.ZeroEngine`: data x expert parallelism with ZeRO-1 (DeepSeek-V3 section 3.1); with
+  `parallel.overlap` on (ep > 1) its micro-batches run as overlapped F&B pairs (`paired`);
 - `pipeline.PipelineEngine`: pipeline schedules (section 3.2.1) on top of the ZeRO engine.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from parallel.compile import apply_block_policies
 from parallel.data_parallel import ZeroAdamW
 from parallel.engine.base import Engine, ForwardContext, StepMetrics, forward_context
 from parallel.engine.local import LocalEngine
-from parallel.engine.pipeline import build_pipeline_engine
+from parallel.engine.paired import PairedMicroBatches
+from parallel.engine.pipeline import apply_stage_policies, build_pipeline_engine
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import parallelize_experts
 from parallel.topology import Topology
@@ -39,5 +41,10 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     if topology.ep > 1:
         dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
     zero = ZeroAdamW.from_config(model, topology, cfg.optim)
-    apply_block_policies(model, cfg.train, device)
-    return ZeroEngine(model, zero, topology, device, make_context, dispatcher)
+    paired = None
+    if cfg.parallel.overlap_on(topology.ep):  # the model runs in pieces: the pipeline's policies
+        apply_stage_policies(model, cfg, device, split_w=False)
+        paired = PairedMicroBatches(model, make_context, recompute=cfg.train.recompute == "full")
+    else:
+        apply_block_policies(model, cfg.train, device)
+    return ZeroEngine(model, zero, topology, device, make_context, dispatcher, paired)
