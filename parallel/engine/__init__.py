@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from model.provider import LayerProvider
@@ -20,9 +22,12 @@ from parallel.engine.paired import PairedMicroBatches
 from parallel.engine.pipeline import apply_stage_policies, build_pipeline_engine
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import parallelize_experts
+from parallel.pipeline.overlap import overlap_path
 from parallel.topology import Topology
 
 __all__ = ["Engine", "StepMetrics", "build_engine"]
+
+log = logging.getLogger("moepipe")
 
 
 def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: torch.dtype | None = None,
@@ -30,6 +35,8 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     """The engine of this rank's layout: model (built with `cfg.train.seed`), optimizer, groups.
     Raises ValueError naming the fields when the layout cannot run this config."""
     make_context = forward_context(device, autocast_dtype, fp8_context)
+    log.info("parallel.overlap = %s: %s", cfg.parallel.overlap, overlap_path(
+        cfg.parallel.overlap_on(topology.ep), cfg.parallel.schedule, topology.pp, topology.ep))
     if topology.pp > 1:
         return build_pipeline_engine(cfg, topology, device, provider, make_context)
     model = build_model(cfg, provider=provider).to(device)

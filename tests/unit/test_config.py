@@ -84,3 +84,14 @@ def test_compile_on_a_platform_without_a_compiler_is_one_line(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with _pytest.raises(ValueError, match="train.compile=true on CPU needs a C\\+\\+ compiler.*train.compile=false"):
         check_compile_platform(torch.device("cpu"))
+
+
+def test_parallel_overlap_is_auto_or_off_and_yaml_off_reads_as_off(tmp_path):
+    from parallel.config import ParallelConfig
+    assert ParallelConfig().overlap_on(2) and not ParallelConfig().overlap_on(1)
+    assert not ParallelConfig(overlap="off").overlap_on(2)
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel:\n  overlap: off\n")  # YAML 1.1 reads off as false
+    assert load_config(str(path)).parallel.overlap == "off"
+    with pytest.raises(ConfigError, match=r"parallel.overlap = 'on'.*auto .* or off"):
+        load_config(None, ["parallel.overlap=on"])
