@@ -156,7 +156,7 @@ def _combine_steps(dispatcher, y_SD: Tensor, state, tape: Tape):
     return call_steps(dispatcher.combine, y_SD, state)
 
 
-def _moe_block_steps(block, h_BLD: Tensor, ctx, tape: Tape, compute):
+def _moe_block_steps(block, h_BLD: Tensor, ctx, tape: Tape, compute, shared_in_flight: bool = True):
     """Step generator: one MoE block as attention / dispatch (+ shared experts) / MLP / combine pieces."""
     moe = block.ffn
     h_BLD, r = compute(_attend_and_route, block, h_BLD, ctx)
@@ -166,21 +166,27 @@ def _moe_block_steps(block, h_BLD: Tensor, ctx, tape: Tape, compute):
 
     def shared():  # needs no communication: runs while the dispatch travels
         return tape.aside(compute(moe.shared_mlp, r.x_TD) if moe.shared is not None else None)[0]
-    (x_SD, counts, state), shared_TD = yield from _dispatch_steps(moe, r, tape, shared)
-    y_SD = compute(moe.expert_mlp, x_SD, counts)
+    if shared_in_flight:
+        (x_SD, counts, state), shared_TD = yield from _dispatch_steps(moe, r, tape, shared)
+        y_SD = compute(moe.expert_mlp, x_SD, counts)
+    else:  # the serial order: routed experts, then shared experts
+        (x_SD, counts, state), _ = yield from _dispatch_steps(moe, r, tape, lambda: None)
+        y_SD = compute(moe.expert_mlp, x_SD, counts)
+        (shared_TD,) = tape.cut(compute(moe.shared_mlp, r.x_TD) if moe.shared is not None else None)
     y_TD = yield from _combine_steps(moe.dispatcher, y_SD, state, tape)
     return h_BLD + moe.output(y_TD, shared_TD, r)
 
 
-def stage_steps(stage, batch, x: Tensor | None, recompute: bool = False):
+def stage_steps(stage, batch, x: Tensor | None, recompute: bool = False, shared_in_flight: bool = True):
     """Step generator of a stage's forward on one micro-batch (x: its input, None on the first
-    stage), MoE blocks in pieces; returns the ChunkOutput, whose `tape` runs the backward."""
+    stage), MoE blocks in pieces; returns the ChunkOutput, whose `tape` runs the backward.
+    `shared_in_flight=False` runs the shared experts after the routed ones (for comparisons)."""
     tape, compute = Tape(), (_checkpointed if recompute else _plain)
     ctx = stage.make_context(batch)
     h = stage.embed_tokens(batch) if x is None else x
     for block in stage.blocks():
         if block.is_moe:
-            h = yield from _moe_block_steps(block, h, ctx, tape, compute)
+            h = yield from _moe_block_steps(block, h, ctx, tape, compute, shared_in_flight)
         else:
             h = compute(block, h, ctx)
     out = stage.head_loss(h, batch, ctx) if stage.has_head else h
