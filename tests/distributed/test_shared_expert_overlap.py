@@ -2,7 +2,8 @@
 (`pieces.stage_steps`), every MoE block computes its shared experts while its dispatch is in
 flight, and their weight gradients while the dispatch's gradients travel back; losses and every
 gradient equal the serial order (`model(batch)` with blocking exchanges, shared experts after
-the routed ones) on the same ranks, with and without piecewise recomputation. (The MTP
+the routed ones) on the same ranks, with and without piecewise recomputation; with
+`shared_in_flight=False` the pieces keep the serial order (what the benchmark compares against). (The MTP
 module's MoE block runs whole, inside the head's losses.)"""
 import pytest
 import torch
@@ -65,7 +66,7 @@ class _Work:
         return True
 
 
-def _run(topo, pieces: bool, recompute: bool = False):
+def _run(topo, pieces: bool, recompute: bool = False, shared_in_flight: bool = True):
     torch.manual_seed(0)
     model = build_model(_cfg())
     parallelize_experts(model, topo)
@@ -79,7 +80,7 @@ def _run(topo, pieces: bool, recompute: bool = False):
         stage = model.stage(model.owned, embed=True, head=True)
         for batch in _batches(topo.dp_rank):
             if pieces:
-                res = drain(stage_steps(stage, batch, None, recompute))
+                res = drain(stage_steps(stage, batch, None, recompute, shared_in_flight))
                 drain(res.tape.backward_steps([res.loss / N], [None]))
                 losses.append(res.loss.item())
             else:
@@ -93,12 +94,22 @@ def _run(topo, pieces: bool, recompute: bool = False):
 def _rank(rank, world):
     topo = Topology.from_config(ParallelConfig(ep=2))
     serial = _run(topo, pieces=False)
-    return serial, _run(topo, pieces=True), _run(topo, pieces=True, recompute=True)
+    return (serial, _run(topo, pieces=True), _run(topo, pieces=True, recompute=True),
+            _run(topo, pieces=True, shared_in_flight=False))
 
 
 @pytest.fixture(scope="module")
 def results():
     return run_ranks(_rank, 2)
+
+
+def test_pieces_can_run_the_shared_experts_after_the_routed_ones(results):
+    for res in results:
+        (ref_losses, ref_grads, _), (losses, grads, seen) = res[0], res[3]
+        assert seen["forward"] and all(n == 0 for n in seen["forward"]), seen
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=1e-6)
+        for k, g in grads.items():
+            torch.testing.assert_close(torch.from_numpy(g), torch.from_numpy(ref_grads[k]), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("run", [1, 2], ids=["pieces", "pieces_recompute"])
