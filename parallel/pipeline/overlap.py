@@ -54,7 +54,7 @@ def overlap_path(on: bool, schedule: str, pp: int, ep: int) -> str:
     if ep == 1:
         return "no expert all-to-all (ep = 1): nothing to overlap"
     if not on:
-        return "off: every dispatch and combine blocks; F&B pairs run serially, shared experts after the routed ones"
+        return "every dispatch and combine blocks; F&B pairs run serially, shared experts after the routed ones"
     shared = "shared experts during each dispatch"
     if pp == 1:
         return f"micro-batches paired F0, F1&B0, ..., B(N-1), all-to-alls of one hidden behind the other; {shared}"
