@@ -9,7 +9,8 @@ dispatch / combine and the pipeline's forward / backward of a chunk are such gen
 This module is the one driver of that protocol: `Started` advances a generator to its first
 yield (its first exchange is issued) and `wait()` runs the rest; `drain` runs one from start
 to end; `call_steps` is the generator form of a plain call (it never yields); `in_context`
-relays a generator, entering a context around each of its resumptions only.
+relays a generator, entering a context around each of its resumptions only; `work_in_flight`
+relays one and runs some independent work while its first exchange travels.
 """
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def in_context(gen, make_context):
             except StopIteration as stop:
                 return stop.value
         value = yield item
+
+
+def work_in_flight(gen, work):
+    """Relay `gen`, calling `work()` right after gen's first yield (its first exchange is issued,
+    not yet waited for); returns (gen's value, work's value). A gen that never yields: work after it."""
+    try:
+        item = next(gen)
+    except StopIteration as stop:
+        return stop.value, work()
+    done = work()
+    yield item
+    value = yield from gen
+    return value, done

@@ -228,6 +228,8 @@ def _coerce(value, tp, where: str, strings: bool = False):
                           f"needs a dot in floats and integers have no exponent); write it as {_as_int(value)}")
     if origin is int and isinstance(value, float) and value.is_integer():
         raise ConfigError(f"{where} = {value!r}: expected an integer, got a float; write {int(value)}")
+    if origin is str and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on / off / yes / no as booleans
     if origin in (int, float, str, bool, list, dict) and not isinstance(value, origin) \
             or (origin is int and isinstance(value, bool)):
         raise ConfigError(f"{where} = {value!r}: expected {origin.__name__}, got {type(value).__name__}; "

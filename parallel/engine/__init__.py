@@ -1,10 +1,13 @@
 """Training engines: one per layout behind one protocol (`base.Engine`); `build_engine` picks it.
 
 - `local.LocalEngine`: one process, plain autograd and AdamW;
-- `zero.ZeroEngine`: data x expert parallelism with ZeRO-1 (DeepSeek-V3 section 3.1);
+- `zero.ZeroEngine`: data x expert parallelism with ZeRO-1 (DeepSeek-V3 section 3.1); with
+  `parallel.overlap` on (ep > 1) its micro-batches run as overlapped F&B pairs (`paired`);
 - `pipeline.PipelineEngine`: pipeline schedules (section 3.2.1) on top of the ZeRO engine.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -15,12 +18,16 @@ from parallel.compile import apply_block_policies
 from parallel.data_parallel import ZeroAdamW
 from parallel.engine.base import Engine, ForwardContext, StepMetrics, forward_context
 from parallel.engine.local import LocalEngine
-from parallel.engine.pipeline import build_pipeline_engine
+from parallel.engine.paired import PairedMicroBatches
+from parallel.engine.pipeline import apply_stage_policies, build_pipeline_engine
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import parallelize_experts
+from parallel.pipeline.overlap import overlap_path
 from parallel.topology import Topology
 
 __all__ = ["Engine", "StepMetrics", "build_engine"]
+
+log = logging.getLogger("moepipe")
 
 
 def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: torch.dtype | None = None,
@@ -28,6 +35,8 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     """The engine of this rank's layout: model (built with `cfg.train.seed`), optimizer, groups.
     Raises ValueError naming the fields when the layout cannot run this config."""
     make_context = forward_context(device, autocast_dtype, fp8_context)
+    log.info("parallel.overlap = %s: %s", cfg.parallel.overlap, overlap_path(
+        cfg.parallel.overlap_on(topology.ep), cfg.parallel.schedule, topology.pp, topology.ep))
     if topology.pp > 1:
         return build_pipeline_engine(cfg, topology, device, provider, make_context)
     model = build_model(cfg, provider=provider).to(device)
@@ -39,5 +48,10 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     if topology.ep > 1:
         dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
     zero = ZeroAdamW.from_config(model, topology, cfg.optim, grad_scale=1.0)  # losses are shares: sum
-    apply_block_policies(model, cfg.train, device)
-    return ZeroEngine(model, zero, topology, device, make_context, dispatcher)
+    paired = None
+    if cfg.parallel.overlap_on(topology.ep):  # the model runs in pieces: the pipeline's policies
+        apply_stage_policies(model, cfg, device, split_w=False)
+        paired = PairedMicroBatches(model, make_context, recompute=cfg.train.recompute == "full")
+    else:
+        apply_block_policies(model, cfg.train, device)
+    return ZeroEngine(model, zero, topology, device, make_context, dispatcher, paired)

@@ -16,6 +16,9 @@ chunks are views of it (DualPipeV's two chunks on rank 0 share one `embed.weight
 ZeRO-1's grad norm sums squares over dp and pp; a parameter held by k pp ranks would count k
 times, so `PipelineZeroAdamW` leaves such copies out of the norm on all but the lowest holder.
 Everything after the step's forward and backward is the ZeRO engine's (`parallel.engine.zero`).
+With `parallel.overlap` on (ep > 1) the chunks run in pieces and every schedule's F&B pairs
+(DualPipe's, and 1F1B's / ZB1P's steady state, `schedules.paired_1f1b`) overlap one
+micro-batch's all-to-alls with the other's compute (`parallel.pipeline.overlap`).
 Validation runs each micro-batch forward-only through the stages in order
 (`parallel.pipeline.forward_only`); the losses come out on the rank of the head stage.
 
@@ -24,7 +27,6 @@ Legend: N micro-batches per step (= train.grad_accum), E routed experts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ from model.batch import Batch
 from model.provider import LayerProvider
 from parallel.data_parallel import ZeroAdamW
 from parallel.engine.base import ForwardContext, StepMetrics
+from parallel.engine.chunk import StageInfo, TrainChunk
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import AllToAllDispatcher, parallelize_experts
 from parallel.pipeline.forward_only import forward_in_stage_order
@@ -41,40 +44,11 @@ from parallel.pipeline.layout import describe_layout
 from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_layout, ranks_of_stages
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
-from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
+from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import Schedule, build_schedule
-from parallel.steps import in_context
 from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
-
-
-@dataclass
-class StageInfo:
-    """What a chunk without the head reports per micro-batch."""
-
-    expert_counts: Tensor   # [n_moe_layers, E], rows of other stages zero
-    balance_loss: Tensor    # scalar, detached: this stage's sequence-wise balance losses
-
-
-class TrainChunk:
-    """A runtime chunk around a model chunk: forward under the autocast/FP8 context; a chunk
-    without the head returns `StageInfo` (counts and balance loss) as its info."""
-
-    def __init__(self, inner, make_context: ForwardContext):
-        self.inner, self.make_context, self.deferral = inner, make_context, inner.deferral
-
-    def steps(self, micro: int, x):
-        # the context wraps each resumption only, never the other half of an overlapped F&B pair
-        res = yield from in_context(chunk_steps(self.inner, micro, x), self.make_context)
-        if res.loss is None:
-            counts = res.info
-            balance = res.aux.detach() if res.aux is not None else counts.new_zeros(())
-            res.info = StageInfo(counts, balance)
-        return res
-
-    def named_parameters(self):
-        return self.inner.named_parameters()
 
 
 class PipelineZeroAdamW(ZeroAdamW):
@@ -167,7 +141,7 @@ def pipeline_schedule(cfg, topology: Topology) -> Schedule:
     """The configured schedule; ValueError naming the fields when it cannot run here."""
     name, n = cfg.parallel.schedule, cfg.train.grad_accum
     try:
-        schedule = build_schedule(name, topology.pp, n)
+        schedule = build_schedule(name, topology.pp, n, paired=cfg.parallel.overlap_on(topology.ep))
     except ValueError as e:
         raise ValueError(f"parallel.schedule = {name!r} with parallel.pp = {topology.pp} and "
                          f"train.grad_accum = {n} (micro-batches per step): {e}") from None
@@ -196,8 +170,8 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
     log.info("pipeline stages (%s, %s):\n%s", schedule.name, "parallel.layout" if cfg.parallel.layout else "even split",
              describe_layout(layout, ranks_of_stages(schedule), cfg.mtp.depth))
     has_w = any(a.op == "W" for acts in schedule.compute for a in acts)
-    # F&B pairs overlap their all-to-alls only when there are some (ep > 1)
-    overlap = topology.ep > 1 and any(a.op == "FB" for acts in schedule.compute for a in acts)
+    # F&B pairs overlap their all-to-alls only when there are some (ep > 1); 1F1B / ZB1P are then paired
+    overlap = cfg.parallel.overlap_on(topology.ep)
     batches: list[Batch] = []
     model, chunks = build_union_chunks(cfg, schedule, topology.pp_rank, batches, split_w=has_w, provider=provider,
                                        chunk_cls=OverlapModelChunk if overlap else ModelChunk)

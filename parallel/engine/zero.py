@@ -35,9 +35,10 @@ class ZeroEngine:
     """ZeRO-1 over dp (experts over edp) with optional expert parallelism."""
 
     def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
-                 make_context: ForwardContext, dispatcher: AllToAllDispatcher | None):
+                 make_context: ForwardContext, dispatcher: AllToAllDispatcher | None, paired=None):
         self.model, self.zero, self.topology, self.device = model, zero, topology, device
         self.make_context, self.dispatcher = make_context, dispatcher
+        self.paired = paired  # a PairedMicroBatches: micro-batches as overlapped F&B pairs (paired.py)
         self._norm = 0.0
 
     def eval_forward(self, batch: Batch):
@@ -49,6 +50,8 @@ class ZeroEngine:
         return with_step_counts(batches, self.model.cfg.mtp.depth, group)
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
+        if self.paired is not None:
+            return self.paired(self.step_batches(batches))
         # reduce-scatter buckets while the last backward still runs
         return run_micro_batches(self.model, self.step_batches(batches), self.make_context,
                                  before_last=self.zero.overlap_next_backward)

@@ -39,6 +39,7 @@ class ModelChunk:
     micro-batches. With `recompute` the stage runs in pieces whose compute is recomputed."""
 
     in_pieces = False  # always run the stage piece by piece (overlap.OverlapModelChunk)
+    shared_in_flight = True  # in pieces: the shared experts run while the dispatch travels
 
     def __init__(self, model, batches: list, deferral: WeightGradDeferral | None = None, recompute: bool = False):
         self.model, self.batches, self.deferral, self.recompute = model, batches, deferral, recompute
@@ -50,7 +51,7 @@ class ModelChunk:
         """Step generator of the chunk's forward; yields while an all-to-all is in flight."""
         stage, batch = self.model, self.batches[micro]
         if self.in_pieces or self.recompute:
-            return (yield from stage_steps(stage, batch, x, self.recompute))
+            return (yield from stage_steps(stage, batch, x, self.recompute, self.shared_in_flight))
         ctx = stage.make_context(batch)
         return chunk_output(stage, stage(batch, h=x, ctx=ctx), ctx)
 

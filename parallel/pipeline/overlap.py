@@ -10,6 +10,10 @@ of another so that the communication of each hides behind the computation of the
   (`runtime.backward_steps` first, then `runtime.forward_steps`): each runs until it has
   something in flight, then the other runs. Both ep peers of a stage run the same schedule
   and thus issue their collectives in the same order, which gloo and NCCL need.
+
+The same executor runs the F&B pairs of DualPipe(V), of paired 1F1B / ZB1P
+(`schedules.paired_1f1b`) and of paired micro-batches without a pipeline
+(`parallel.engine.paired`); `overlap_path` says in words which path a run takes.
 """
 from __future__ import annotations
 
@@ -43,3 +47,18 @@ class OverlapPairExecutor(PairExecutor):
                     self.overlapped += len(live) == 2
                 except StopIteration:
                     live.remove(gen)
+
+
+def overlap_path(on: bool, schedule: str, pp: int, ep: int) -> str:
+    """One line for the start-up log: how this layout's all-to-alls meet its compute."""
+    if ep == 1:
+        return "no expert all-to-all (ep = 1): nothing to overlap"
+    if not on:
+        return "every dispatch and combine blocks; F&B pairs run serially, shared experts after the routed ones"
+    shared = "shared experts during each dispatch"
+    if pp == 1:
+        return f"micro-batches paired F0, F1&B0, ..., B(N-1), all-to-alls of one hidden behind the other; {shared}"
+    if schedule in ("1f1b", "zb1p"):
+        return (f"{schedule} paired: warm-up 2(pp-r)-1 forwards, steady-state F&B pairs overlapped "
+                f"(more activations held on early ranks); {shared}")
+    return f"{schedule}: F&B pairs overlapped; {shared}"

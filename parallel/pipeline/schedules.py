@@ -5,6 +5,14 @@
 - ZB1P (ZB-H1 of Zero Bubble PP, Qi et al. 2023, section 3): the 1F1B order of forwards and
   input-gradient backwards I, with the weight-gradient halves W postponed so that they fill
   the drain: rank r holds back its r latest W's, which then plug the gaps of its drain.
+- Paired 1F1B / ZB1P (`paired=True`, the F&B overlap of DeepSeek-V3 section 3.2.1 on a linear
+  pipeline, as Megatron-core's combined 1F1B): in the steady state rank r runs its forward of
+  one micro-batch and its backward of an older one as one F&B pair. A pair waits for both its
+  inputs and sends its activation only at its end, so rank r warms up with 2(R-r)-1 forwards
+  (the slack that keeps the pairs of neighbouring ranks from waiting on each other; with
+  F&B = F + B the makespan is 1F1B's) and then runs F(i+2(R-r)-1)&B(i). The cost: the first
+  rank holds up to 2R activations instead of R, as DualPipe does. pp = 1 (micro-batches only,
+  no pipeline) gives F0, F1&B0, F2&B1, ..., B(N-1).
 - DualPipe (DeepSeek-V3 report section 3.2.1 and the DualPipe description): two copies of the
   model, micro-batches enter from both ends; each rank runs the eight-phase pattern below for
   its two chunks, the steady state being overlapped F&B pairs.
@@ -72,6 +80,26 @@ def one_f_one_b(pp: int, n: int, split_w: bool = False) -> list[list[Action]]:
             acts += [Action("I", i, 0), Action("W", i, 0)] if split_w else [Action("B", i, 0)]
         for i in range(n - warm, n):
             acts += [Action("I", i, 0), Action("W", i, 0)] if split_w else [Action("B", i, 0)]
+        lists.append(acts)
+    return lists
+
+
+def paired_1f1b(pp: int, n: int, split_w: bool = False) -> list[list[Action]]:
+    """1F1B (split_w: ZB1P) with its steady state as F&B pairs of different micro-batches:
+    rank r runs w = 2(R-r)-1 forwards, then F(i+w)&B(i), then the remaining backwards. With split_w the
+    backwards are input-gradient only and rank r holds back its r latest W's, as in `zb1p`."""
+    lists = []
+    for r in range(pp):
+        warm, pending = min(2 * (pp - r) - 1, n), []
+        acts = [F(m) for m in range(warm)]
+        for i in range(n):
+            op = "I" if split_w else "B"
+            acts.append(FB(warm + i, 0, i, 0, op) if warm + i < n else Action(op, i, 0))
+            if split_w:
+                pending.append(i)
+                if len(pending) > r:
+                    acts.append(Action("W", pending.pop(0), 0))
+        acts += [Action("W", m, 0) for m in pending]
         lists.append(acts)
     return lists
 
@@ -194,10 +222,13 @@ def check_sizes(name: str, pp: int, n: int) -> None:
             raise ValueError(f"micro = {n}: dualpipe needs at least 2 * pp = {2 * pp} micro-batches")
 
 
-def build_schedule(name: str, pp: int, n: int) -> Schedule:
-    """The schedule `name` for `pp` pipeline ranks and `n` micro-batches, with comms lowered."""
+def build_schedule(name: str, pp: int, n: int, paired: bool = False) -> Schedule:
+    """The schedule `name` for `pp` pipeline ranks and `n` micro-batches, with comms lowered.
+    `paired`: 1F1B / ZB1P with their steady state as F&B pairs (DualPipe's always are)."""
     check_sizes(name, pp, n)
-    if name == "1f1b":
+    if name in ("1f1b", "zb1p") and paired:
+        place, compute = linear_placement(pp, n), paired_1f1b(pp, n, split_w=name == "zb1p")
+    elif name == "1f1b":
         place, compute = linear_placement(pp, n), one_f_one_b(pp, n)
     elif name == "zb1p":
         place, compute = linear_placement(pp, n), zb1p(pp, n)

@@ -15,7 +15,12 @@ closed forms of DeepSeek-V3 Table 2 (section 3.2.1): 1F1B (PP-1)(F+B), ZB1P (PP-
 DualPipe (PP/2-1)(F&B+B-3W); DualPipeV matches DualPipe with PP = 2 x ranks (its stages).
 `Costs.from_timeline` takes the costs from a measured run (`PipelineRuntime(record_timeline=True)`).
 
+Paired 1F1B / ZB1P (`build_schedule(..., paired=True)`, what `parallel.overlap` runs with
+ep > 1) replay their F&B pairs at the FB cost like DualPipe's; with pp = 1 they are the paired
+micro-batches of a data x expert parallel run (F0, F1&B0, ..., B(N-1)).
+
 CLI: python -m parallel.pipeline.simulate --schedule dualpipe --pp 8 --micro 20 [--png out.png]
+     python -m parallel.pipeline.simulate --schedule zb1p --paired --pp 4 --micro 16 --FB 1.5
 """
 from __future__ import annotations
 
@@ -285,11 +290,12 @@ def main(argv: list[str] | None = None) -> Replay:
     p.add_argument("--W", type=float, default=1.0, help="cost of a backward chunk's weight-gradient part (B = I + W)")
     p.add_argument("--FB", type=float, default=None, help="overlapped F&B pair cost (default F+B)")
     p.add_argument("--latency", type=float, default=0.0, help="cost of each send/recv between ranks")
+    p.add_argument("--paired", action="store_true", help="1f1b / zb1p with F&B pairs (parallel.overlap on)")
     p.add_argument("--png", default=None, help="write a Gantt chart here")
     p.add_argument("--actions", action="store_true", help="also print each rank's action list")
     args = p.parse_args(argv)
     try:
-        s = build_schedule(args.schedule, args.pp, args.micro)
+        s = build_schedule(args.schedule, args.pp, args.micro, paired=args.paired)
     except ValueError as e:
         p.error(str(e))
     rp = replay(s, Costs(args.F, args.I, args.W, args.FB, args.latency))

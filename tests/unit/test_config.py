@@ -103,3 +103,13 @@ def test_errors_in_a_file_name_the_file_and_line_and_near_miss_paths(tmp_path):
     assert load_config(None, ["moe.topk=3"]).moe.topk == 3
     with pytest.raises(ConfigError, match=r"no such file; did you mean .*base\.yaml\?"):
         load_config(str(tmp_path / "base.yml"))
+
+def test_parallel_overlap_is_auto_or_off_and_yaml_off_reads_as_off(tmp_path):
+    from parallel.config import ParallelConfig
+    assert ParallelConfig().overlap_on(2) and not ParallelConfig().overlap_on(1)
+    assert not ParallelConfig(overlap="off").overlap_on(2)
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel:\n  overlap: off\n")  # YAML 1.1 reads off as false
+    assert load_config(str(path)).parallel.overlap == "off"
+    with pytest.raises(ConfigError, match=r"parallel.overlap = 'on'.*auto .* or off"):
+        load_config(None, ["parallel.overlap=on"])

@@ -9,18 +9,34 @@ from trainer.plan.layouts import Cluster, plan
 V3 = "configs/deepseek_v3_671b.yaml"
 
 
-def test_deepseek_v3_layout_fits_in_80gb_and_ranks_in_the_top_5(capsys):
+def test_deepseek_v3_layout_fits_in_80gb_and_ranks_near_the_top(capsys):
     """DeepSeek-V3 section 3.1: 2,048 H800 (8 per node), PP 16, EP 64 over 8 nodes, ZeRO-1 DP,
-    DualPipe, seq 4096, global batch 15,360."""
+    DualPipe, seq 4096, global batch 15,360. With `parallel.overlap` on, paired 1F1B / ZB1P hide
+    their all-to-alls too, so the planner ranks some smaller-ep layouts ahead of it: a pp 16
+    DualPipe layout is in the top 5, and DeepSeek's own is within 15% of the best step."""
     cfg = load_config(V3)
-    ranked, failed, _ = plan(cfg, Cluster(2048, 8, gpu_kind("h800"), 4096, 15360), top=5)
-    keys = [e.cand.key for e in ranked[:5]]
+    ranked, failed, _ = plan(cfg, Cluster(2048, 8, gpu_kind("h800"), 4096, 15360), top=20)
+    keys = [e.cand.key for e in ranked]
+    assert any(k[0] == 16 and k[3] == "dualpipe" for k in keys[:5]), keys[:5]
     assert (16, 128, 64, "dualpipe") in keys, keys
     v3 = ranked[keys.index((16, 128, 64, "dualpipe"))]
+    assert v3.step_s <= 1.15 * ranked[0].step_s, (v3.step_s, ranked[0].step_s)
     assert v3.fits and v3.total <= 80 * GIB
     assert [len(b) for b in v3.cand.layout] != [4] * 16 and sum(len(b) for b in v3.cand.layout) == 61
     assert v3.memory["weights"] > 0 and v3.memory["activations"] > 0 and 0 < v3.mfu < 1
     assert all(not e.fits and "GiB >" in e.reason() for e in failed)
+
+
+def test_overlap_off_prices_every_all_to_all_and_holds_fewer_activations():
+    cfg = load_config(V3)
+    cl = Cluster(2048, 8, gpu_kind("h800"), 4096, 15360)
+    on = {e.cand.key: e for e in plan(cfg, cl, top=8)[0]}
+    off = {e.cand.key: e for e in plan(load_config(V3, ["parallel.overlap=off"]), cl, top=8)[0]}
+    both = [k for k in on if k in off and k[3] in ("1f1b", "zb1p")]
+    assert both, (list(on), list(off))
+    for k in both:
+        assert on[k].step_s < off[k].step_s, k
+        assert on[k].memory["activations"] > off[k].memory["activations"], k
 
 
 def test_256_h100_says_which_fit_and_why_the_others_do_not(capsys):

@@ -114,3 +114,27 @@ def test_checks_catch_a_missing_weight_grad():
     compute = list(s.compute)
     compute[0] = tuple(a for a in compute[0] if a != Action("W", 3, 0))
     assert any("I x1 vs W x0" in p for p in problems(dataclasses.replace(s, compute=tuple(compute))))
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p"])
+@pytest.mark.parametrize("pp, n", [(1, 1), (1, 5), (2, 2), (2, 8), (4, 4), (4, 16)])
+def test_paired_linear_schedules_run_every_micro_batch_once_and_gain_from_overlap(name, pp, n):
+    from parallel.pipeline.simulate import Costs, replay
+    paired, plain = build_schedule(name, pp, n, paired=True), build_schedule(name, pp, n)
+    for acts in paired.compute:  # every micro-batch forward once and backward once, pairs of two micro-batches
+        parts = [p for a in acts for p in a.parts()]
+        assert sorted(m for op, m, _ in parts if op == "F") == list(range(n))
+        assert sorted(m for op, m, _ in parts if op in ("B", "I")) == list(range(n))
+        assert all(a.micro != a.micro2 for a in acts if a.op == "FB")
+    if n >= 2 * pp:  # past the warm-up of 2(pp - r) - 1 forwards every rank pairs
+        assert all(any(a.op == "FB" for a in acts) for acts in paired.compute)
+    serial_pairs, hidden = Costs(), Costs.from_overlap(1.0, 0.5, 2.0, 0.5)
+    if name == "1f1b":  # with nothing to hide, the warm-up keeps 1F1B's makespan
+        assert replay(paired, serial_pairs).makespan == replay(plain, serial_pairs).makespan
+    if n >= 2 * pp:
+        assert replay(paired, hidden).makespan < replay(plain, hidden).makespan
+
+
+def test_paired_pp1_is_first_forward_pairs_last_backward():
+    s = build_schedule("1f1b", 1, 4, paired=True)
+    assert " ".join(map(str, s.compute[0])) == "F0.0 F1.0&B0.0 F2.0&B1.0 F3.0&B2.0 B3.0"

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from parallel.pipeline.layout import balanced_layout, num_stages
-from parallel.pipeline.schedules import SCHEDULE_NAMES, check_sizes, dualpipe, dualpipev, one_f_one_b, zb1p
+from parallel.pipeline.schedules import (SCHEDULE_NAMES, check_sizes, dualpipe, dualpipev, one_f_one_b,
+                                         paired_1f1b, zb1p)
 from parallel.topology import plan_layout
 from trainer.config import ConfigError
 from trainer.plan.flops import flops_per_token
 from trainer.plan.hardware import GIB, GPU, Efficiency
 from trainer.plan.memory import (activation_model, param_inventory, rank_params, recompute_peak_bytes,
                                  stage_activation_bytes, static_bytes)
-from trainer.plan.timing import (OVERLAP_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
+from trainer.plan.timing import (PAIRED_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
                                stage_flops, stage_work)
 
 MICRO_BATCH_SIZES = (1, 2, 4)
@@ -227,14 +228,17 @@ def _static_cached(cfg_id: int, layout, stages: tuple, ep: int, dp: int, bf16_mo
 
 
 @lru_cache(maxsize=4096)
-def _rank_live_points(schedule: str, pp: int, n: int, rank: int):
-    return live_points(_compute_lists(schedule, pp, n)[rank])
+def _rank_live_points(schedule: str, pp: int, n: int, rank: int, paired: bool = False):
+    return live_points(_compute_lists(schedule, pp, n, paired)[rank])
 
 
 @lru_cache(maxsize=256)
-def _compute_lists(schedule: str, pp: int, n: int):
-    """The schedule's compute actions per rank (no comms: the peak needs only their order)."""
+def _compute_lists(schedule: str, pp: int, n: int, paired: bool = False):
+    """The schedule's compute actions per rank (no comms: the peak needs only their order);
+    `paired`: 1F1B / ZB1P with F&B pairs (parallel.overlap on), which hold more micro-batches."""
     check_sizes(schedule, pp, n)
+    if paired and schedule in PAIRED_SCHEDULES:
+        return paired_1f1b(pp, n, split_w=schedule == "zb1p")
     build = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}[schedule]
     return build(pp, n)
 
@@ -263,13 +267,14 @@ def memory(cfg, c: Candidate, cl: Cluster, act_bytes: int = 2, attention_core: s
         st, _ = _static(cfg, c, stages)
         acts = [stage_activation_bytes(cfg, am, list(c.layout[s]), s == last, tokens, act_bytes, c.fp8, c.recompute)
                 for s in stages]
+        ov = cfg.parallel.overlap_on(c.ep)
         peak = max(sum(w * k for w, k in zip(acts, point))
-                   for point in _rank_live_points(c.schedule, c.pp, c.num_micro, r)) if c.pp > 1 else acts[0]
+                   for point in _rank_live_points(c.schedule, c.pp, c.num_micro, r, ov))
         if c.recompute == "full":
             peak += recompute_peak_bytes(cfg, am, tokens, act_bytes, c.fp8)
         a2a = 0.0
         if c.ep > 1:
-            pairs = 2 if c.schedule in OVERLAP_SCHEDULES and c.pp > 1 else 1
+            pairs = 2 if ov else 1  # an overlapped F&B pair has two micro-batches' rows in flight
             a2a = 2.0 * pairs * tokens * cfg.moe.topk * cfg.model.hidden_size * act_bytes
         mem = {"weights": st.weights, "grads": st.grads, "master": st.master, "moments": st.moments,
                "activations": peak, "a2a_buffers": a2a, "reserved": cl.eff.reserved_gib * GIB}
@@ -314,7 +319,8 @@ def timing(cfg, est: Estimate, cl: Cluster) -> Estimate:
     crosses = c.dp >= cl.gpus_per_node
     bw = cl.gpu.net_gbps * cl.eff.net if crosses else cl.gpu.nvlink_gbps * cl.eff.nvlink
     p2p = tokens * cfg.model.hidden_size * 2 / (bw * 1e9)
-    pipe, busy = pipeline_seconds(c.schedule, c.pp, c.num_micro, stage_costs(slow, c.schedule, p2p))
+    ov = cfg.parallel.overlap_on(c.ep)
+    pipe, busy = pipeline_seconds(c.schedule, c.pp, c.num_micro, stage_costs(slow, ov, p2p), paired=ov)
     step = pipe + _dp_seconds(cfg, c, cl)
     est.step_s = step
     est.tokens_per_s_gpu = cl.global_batch * cl.seq_len / step / cl.gpus

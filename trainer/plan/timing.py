@@ -11,8 +11,11 @@
   nodes) and fans out over NVLink there; the inter-node and NVLink parts run at the same time.
   Dispatch is FP8 with FP8 on, combine bf16.
 - Pipeline: the simulator (parallel.pipeline.simulate) replays the schedule with these costs.
-  DualPipe and DualPipeV overlap one micro-batch's all-to-all with the other's compute in each
-  F&B pair (`Costs.from_overlap`); 1F1B and ZB1P pay compute + all-to-all. The activation
+  With `parallel.overlap` on (ep > 1) every F&B pair hides one micro-batch's all-to-all behind
+  the other's compute (`Costs.from_overlap`): DualPipe's and DualPipeV's pairs, and the
+  steady-state pairs of paired 1F1B / ZB1P (`schedules.paired_1f1b`), which are replayed as
+  such; so is pp = 1 (F0, F1&B0, ..., B(N-1)). Off, every action pays compute + all-to-all. The
+  shared experts' overlap with the dispatch inside one micro-batch is not modelled. The activation
   hand-off between stages is the replay's latency. Stages differ in cost: the replay uses the
   most expensive stage for every action, so an unbalanced layout pays for its slowest stage.
 - Data parallel (ZeRO-1): reduce-scatter of fp32 gradients and all-gather of fp32 parameters
@@ -30,7 +33,8 @@ from parallel.pipeline.simulate import Costs, replay
 from trainer.plan.flops import attention_context, block_param_counts
 from trainer.plan.hardware import GPU, Efficiency
 
-OVERLAP_SCHEDULES = ("dualpipe", "dualpipev")
+OVERLAP_SCHEDULES = ("dualpipe", "dualpipev")   # F&B pairs are part of the schedule
+PAIRED_SCHEDULES = ("1f1b", "zb1p")             # F&B pairs with parallel.overlap on (paired_1f1b)
 
 
 @dataclass
@@ -107,33 +111,37 @@ def stage_work(cfg, blocks: list[int], head: bool, tokens: int, seq_len: int, *,
     return StageWork(f, i, w, comm)
 
 
-def stage_costs(work: StageWork, schedule: str, p2p: float) -> Costs:
-    if schedule in OVERLAP_SCHEDULES:
+def stage_costs(work: StageWork, overlap: bool, p2p: float) -> Costs:
+    """Costs of one stage; `overlap`: F&B pairs hide one micro-batch's all-to-all (parallel.overlap on)."""
+    if overlap:
         return Costs.from_overlap(work.f, work.comm, work.i + work.w, work.comm,
                                   w_share=work.w / (work.i + work.w), latency=p2p)
     return Costs(F=work.f + work.comm, I=work.i + work.comm, W=work.w, latency=p2p)
 
 
 @lru_cache(maxsize=256)
-def _schedule(name: str, pp: int, n: int):
-    return build_schedule(name, pp, n)
+def _schedule(name: str, pp: int, n: int, paired: bool):
+    return build_schedule(name, pp, n, paired=paired)
 
 
 @lru_cache(maxsize=4096)
-def _replay_units(name: str, pp: int, n: int, i: float, w: float, fb: float | None, lat: float) -> tuple[float, float]:
-    rp = replay(_schedule(name, pp, n), Costs(1.0, i, w, fb, lat))
+def _replay_units(name: str, pp: int, n: int, i: float, w: float, fb: float | None, lat: float,
+                  paired: bool) -> tuple[float, float]:
+    rp = replay(_schedule(name, pp, n, paired), Costs(1.0, i, w, fb, lat))
     return rp.makespan, max(rp.busy(r) for r in range(pp))
 
 
-def pipeline_seconds(schedule: str, pp: int, n: int, costs: Costs) -> tuple[float, float]:
+def pipeline_seconds(schedule: str, pp: int, n: int, costs: Costs, paired: bool = False) -> tuple[float, float]:
     """(makespan, busy time of the busiest rank) of the replay; costs are rounded to 5% of F so
-    that near-equal layouts share one replay."""
-    if pp == 1:
-        return n * (costs.F + costs.B), n * (costs.F + costs.B)
+    that near-equal layouts share one replay. `paired`: 1F1B / ZB1P (and pp = 1) as F&B pairs."""
+    if pp == 1:  # F0, (N-1) x F&B, B(N-1) when paired; N x (F + B) otherwise
+        t = costs.F + (n - 1) * costs.pair() + costs.B if paired else n * (costs.F + costs.B)
+        return t, t
     f = costs.F
     r = lambda x: round(x / f * 20) / 20  # noqa: E731
     fb = None if costs.FB is None else r(costs.FB)
-    span, busy = _replay_units(schedule, pp, n, r(costs.I), r(costs.W), fb, r(costs.latency))
+    span, busy = _replay_units(schedule, pp, n, r(costs.I), r(costs.W), fb, r(costs.latency),
+                               paired and schedule in PAIRED_SCHEDULES)
     return f * span, f * busy
 
 
