@@ -28,7 +28,9 @@ from parallel.expert import expert_shards
 from parallel.adamw import adamw_update_
 
 # all_gather_into_tensor is deprecated (a FutureWarning on every call) where all_gather_single exists
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _all_gather_flat(*args, **kwargs):
+    """Looked up at call time, so that a traced torch.distributed (parallel.heartbeat) sees it."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import yaml
 from data.config import DataConfig
 from data.dedup.config import DedupConfig
 from parallel.config import ParallelConfig
+from parallel.fault import FaultConfig
 from parallel.fp8.config import FP8Config
 from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
 from parallel.pipeline.layout import num_stages, resolve_layout
@@ -142,7 +143,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig, "mtp": MTPConfig,
     "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig, "dedup": DedupConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "eval": EvalConfig,
+    "logging": LoggingConfig, "eval": EvalConfig, "fault": FaultConfig,
 }
 
 
@@ -164,6 +165,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
 
     def validate(self) -> "Config":
         """Checks that span sections; raises ConfigError naming both fields."""

@@ -5,6 +5,8 @@ configured output directory is not prepared yet, resumes from the latest checkpo
 `train.output_dir` (checkpoint.resume=auto), logs the fully resolved config first, then trains.
 User errors (config, data, checkpoint) end with one clear line and exit code 2, not a traceback.
 A run stopped by SIGTERM/SIGUSR1 or a first Ctrl-C (SIGINT) checkpoints and exits 75 (EX_TEMPFAIL) so the launcher requeues it.
+A hang (no progress for fault.hang_seconds) or a dead peer dumps stacks to output_dir/hang/, names
+the stuck rank in one line and also exits 75 (`trainer.diagnostics`).
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ def init_distributed(cfg: Config, device: torch.device):
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        from parallel.fault import process_group_timeout_s, set_collective_environment
+        from trainer.diagnostics import hang_dir
+        set_collective_environment(hang_dir(cfg.train.output_dir), cuda=backend == "nccl")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=process_group_timeout_s(cfg.fault)))
     try:
         return Topology.from_config(cfg.parallel, num_experts=cfg.moe.num_experts)
     except ValueError as e:
@@ -138,6 +143,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     from parallel import checkpoint as ckpt
     from trainer import init_from, preflight
     from trainer.loop import install_stop_handlers, load_state, train
+    from trainer.diagnostics import Monitor
     from trainer.metrics import MetricsWriter, setup_logging
 
     setup_logging(cfg.train.output_dir, topology.rank)
@@ -177,11 +183,17 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     log.info("model: %.2fM parameters on rank 0 (%s); training %d steps", n_params / 1e6, device, cfg.train.steps)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
                             enabled=topology.rank == 0)
+    run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED)
     try:
         train(run_, metrics)
+        run_.monitor.close()  # plots and summary are no steps
         if topology.rank == 0:
             finish(cfg, run_, metrics)
+    except Exception as e:
+        run_.monitor.explain_failure(e)  # a dead peer: named, then exit 75 (does not return)
+        raise
     finally:
+        run_.monitor.close()
         metrics.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
