@@ -23,6 +23,7 @@ from data.config import DataConfig
 from data.dedup.config import DedupConfig
 from parallel.config import ParallelConfig
 from parallel.fault import FaultConfig
+from parallel.profiling import ProfileConfig
 from parallel.fp8.config import FP8Config
 from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
 from parallel.pipeline.layout import num_stages, resolve_layout
@@ -144,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig, "dedup": DedupConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
     "logging": LoggingConfig, "eval": EvalConfig, "fault": FaultConfig,
+    "profile": ProfileConfig,
 }
 
 
@@ -166,6 +168,7 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     def validate(self) -> "Config":
         """Checks that span sections; raises ConfigError naming both fields."""

@@ -183,14 +183,14 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     log.info("model: %.2fM parameters on rank 0 (%s); training %d steps", n_params / 1e6, device, cfg.train.steps)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
                             enabled=topology.rank == 0)
-    run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED)
+    run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED, run_.model)
     try:
         train(run_, metrics)
         run_.monitor.close()  # plots and summary are no steps
         if topology.rank == 0:
             finish(cfg, run_, metrics)
     except Exception as e:
-        run_.monitor.explain_failure(e)  # a dead peer: named, then exit 75 (does not return)
+        run_.monitor.on_error(e, run_.engine)  # OOM: memory report; a dead peer: named, exit 75
         raise
     finally:
         run_.monitor.close()

@@ -19,7 +19,8 @@ import pytest
 from tests.e2e.test_crash_resume import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FOUR_STEPS = [o.replace("train.steps=8", "train.steps=4") for o in SMALL] + ["parallel.ep=2", "fault.hang_seconds=5"]
+FOUR_STEPS = [o.replace("train.steps=8", "train.steps=4") for o in SMALL] + ["parallel.ep=2", "fault.hang_seconds=5",
+                                                                             "logging.every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,12 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("hang_data"))
 
 
-def torchrun(out: str, data: str, fault: str = "", timeout: float = 150) -> subprocess.CompletedProcess:
+def torchrun(out: str, data: str, fault: str = "", timeout: float = 150,
+             overrides: list[str] = FOUR_STEPS) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MOEPIPE_FAULT"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **({"MOEPIPE_FAULT": fault} if fault else {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "trainer.train",
-           "configs/tiny.yaml", "--set", *FOUR_STEPS, f"train.output_dir={out}", f"data.output_dir={data}"]
+           "configs/tiny.yaml", "--set", *overrides, f"train.output_dir={out}", f"data.output_dir={data}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,9 +60,10 @@ def assert_stacks_of_live_ranks(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory, data_dir):
-    """A run whose rank 2 is SIGSTOPped entering step 4: (output dir, torchrun result)."""
+    """A run whose rank 1 sleeps 0.5 s in every step and whose rank 2 is SIGSTOPped entering step 4:
+    (output dir, torchrun result)."""
     out = str(tmp_path_factory.mktemp("hang") / "stop")
-    return out, torchrun(out, data_dir, fault="stop:2:4")  # without the watchdog: 600 s, past the timeout
+    return out, torchrun(out, data_dir, fault="slow:1:0.5,stop:2:4")  # no watchdog: 600 s, past the timeout
 
 
 @pytest.mark.timeout(240)
@@ -73,6 +76,17 @@ def test_stopped_rank_is_named_and_the_job_exits(stopped):
     assert "HANG: rank 2 of 4 never entered" in log and "exit 75 for a requeue" in log
     assert_stacks_of_live_ranks(out)
     assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_slow_rank_is_named_as_the_straggler(stopped):
+    out, _ = stopped
+    with open(os.path.join(out, "train.log")) as f:
+        assert "step 2: straggler: rank 1 of 4 is busy" in f.read()
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        row = [r for r in map(json.loads, f) if r["step"] == 2][0]
+    assert row["straggler_rank"] == 1 and row["straggler_ratio"] > 1.5
+    assert len(row["rank_compute_s"]) == 4 and row["rank_compute_s"][1] >= 0.5
+    assert min(row["rank_comm_s"][r] for r in (0, 2, 3)) > row["rank_comm_s"][1]  # the others wait for it
 
 
 @pytest.mark.timeout(360)
