@@ -122,9 +122,12 @@ class LoggingConfig:
     every: int = doc(10, "Print a console line every N steps (metrics.jsonl gets every step).")
     tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tb.")
     peak_tflops: float = doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up from the device (CPU: 1.0).")
+    wandb: dict = doc({}, "Weights & Biases, beside TensorBoard: {project: NAME, name: RUN_NAME, offline: true, entity: TEAM}; {} = off. Needs the wandb package (imported only when set).")
 
     def __post_init__(self):
+        from trainer.wandb_log import check_settings
         require(self.every >= 1, "every", self.every, "must be >= 1")
+        check_settings(self.wandb)
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 

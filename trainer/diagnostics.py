@@ -73,7 +73,7 @@ class Monitor:
                                 cfg.fault.heartbeat_seconds or None).start()
         mon = cls(beat, watchdog, device, cfg.fault.straggler_ratio if world_size > 1 else 0.0,
                   cfg.logging.every, os.environ.get("MOEPIPE_FAULT", ""), profiler, cfg.train.output_dir)
-        if world_size > 1:
+        if world_size > 1 and (watchdog is not None or mon.straggler_ratio):
             mon._stack.enter_context(traced_collectives(beat))
         return mon
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.cli import user_errors
-from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from trainer.restore import pick_device
 
 log = logging.getLogger("moepipe")
@@ -182,7 +182,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder) -> int:
     n_params = sum(p.numel() for p in run_.model.parameters())
     log.info("model: %.2fM parameters on rank 0 (%s); training %d steps", n_params / 1e6, device, cfg.train.steps)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
-                            enabled=topology.rank == 0)
+                            enabled=topology.rank == 0, wandb=cfg.logging.wandb, config=to_dict(cfg))
     run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED, run_.model)
     try:
         train(run_, metrics)
