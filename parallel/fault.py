@@ -43,13 +43,13 @@ def collective_environment(hang_dir: str, cuda: bool) -> dict[str, str]:
     Every backend: a Flight Recorder ring buffer of the last collectives (the watchdog dumps it
     beside the stacks). NCCL: the watchdog thread tears the process down on a collective error or
     timeout (async error handling), and on a timeout each rank dumps its Flight Recorder to
-    `hang_dir/nccl_trace_rank_<N>` (read with `python -m torch.distributed.flight_recorder.fr_trace
-    hang_dir -p nccl_trace_rank_`)."""
+    `hang_dir/nccl/rank_<N>` (read with `python -m torch.distributed.flight_recorder.fr_trace
+    hang_dir/nccl -p rank_`)."""
     env = {"TORCH_FR_BUFFER_SIZE": "2000"}
     if cuda:
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
                     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_ENABLE_MONITORING": "1",
-                    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(hang_dir, "nccl_trace_rank_")})
+                    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(hang_dir, "nccl", "rank_")})
     return env
 
 
@@ -57,4 +57,6 @@ def set_collective_environment(hang_dir: str, cuda: bool) -> dict[str, str]:
     """Apply `collective_environment` where the user has not set a value; returns what was set."""
     applied = {k: v for k, v in collective_environment(hang_dir, cuda).items() if k not in os.environ}
     os.environ.update(applied)
+    if cuda:
+        os.makedirs(os.path.join(hang_dir, "nccl"), exist_ok=True)
     return applied
