@@ -19,7 +19,7 @@ class FaultConfig:
     """Hangs, dead ranks and slow ranks: detected, named and dumped (see README, 'When a run hangs')."""
 
     hang_seconds: float = doc(300.0, "Seconds a rank may go without progress (no step, phase or collective change) before every live rank dumps its Python stacks to output_dir/hang/, one line names the rank(s) the others wait for, and the job exits 75 for a requeue; 0 = no watchdog. Must exceed the longest pause of a healthy step (the first step's compilation, a checkpoint write).")
-    heartbeat_seconds: float = doc(0.0, "How often each rank publishes its heartbeat to output_dir/hang/beats/; 0 = hang_seconds / 10, between 0.5 and 10 s.")
+    heartbeat_seconds: float = doc(0.0, "How often each rank publishes its heartbeat to output_dir/hang/beats/; 0 = hang_seconds / 10, between 0.5 and 5 s (a dead rank is named after about 3 of these, inside the 30 s a launcher waits before killing the rest).")
     straggler_ratio: float = doc(1.5, "Every logging.every steps the per-rank step time split (compute, collective wait, data) is gathered into metrics.jsonl; the log names the slowest rank when its busy time (compute + data) exceeds the median rank's by this ratio. 0 = no gathering.")
 
     def __post_init__(self):

@@ -173,7 +173,7 @@ class Watchdog:
     def __init__(self, beat: Heartbeat, root: str, hang_seconds: float, exit_code: int,
                  interval: float | None = None):
         self.beat, self.root, self.hang_seconds, self.exit_code = beat, root, hang_seconds, exit_code
-        self.interval = interval or min(max(hang_seconds / 10, 0.5), 10.0)
+        self.interval = interval or min(max(hang_seconds / 10, 0.5), 5.0)
         self.stale_after = 3 * self.interval + 2.0
         self.board = BeatBoard(root, beat.world_size)
         self.board.clear_rank(beat.rank)
