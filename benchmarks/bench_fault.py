@@ -9,9 +9,10 @@
    of rank 0 gives its collectives per step (two heartbeat counts per collective), metrics.jsonl
    the step time; overhead = (collectives x per-call cost + phases x per-phase cost + the straggler
    all-gather every logging.every steps) / step time.
-3. End to end: the same run with the watchdog and straggler report on (defaults) and off
-   (fault.hang_seconds=0 fault.straggler_ratio=0), alternated; median step time of steps 3..STEPS.
-   On a shared 2-core machine this is noisy; part 2 is the precise figure.
+3. End to end, A/B inside one pair of processes (benchmarks/fault_ab_worker.py): blocks of steps
+   with the diagnostics on and off, alternated; median step time of each mode (the first block
+   of each mode, warm-up, left out). On a shared 2-core machine this is noisy; part 2 is the
+   precise figure.
 4. Time to exit: SIGSTOP / SIGKILL of rank 2 of 4 (dp 4 x ep 2, fault.hang_seconds = 5) entering
    step 3: seconds from the injection to torchrun's exit, and the diagnosis line.
 """
@@ -29,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 STEPS = 20
+AB_BLOCKS, AB_BLOCK = 6, 5
 TINY = ["data.seq_len=64", "model.max_seq_len=64", "train.micro_batch_size=2", "logging.tensorboard=false",
         "train.device=cpu", "checkpoint.every=0", "eval.every=0", "logging.every=10"]
 
@@ -82,25 +84,30 @@ def main() -> None:
           f"{phase_s * 1e6:.2f} us |")
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        on, off = [], []
-        for i in range(2):
-            for name, extra, sink in (("on", [], on), ("off", ["fault.hang_seconds=0", "fault.straggler_ratio=0"], off)):
-                out = os.path.join(tmp, f"{name}{i}")
-                rc, _ = torchrun(2, out, data, [f"train.steps={STEPS}", "parallel.ep=2", *extra])
-                assert rc == 0, f"run {name}{i} failed"
-                sink += step_times(out)
-                if name == "on" and i == 0:
-                    with open(os.path.join(out, "hang", "beats", "rank_0.json")) as f:
-                        beat = json.load(f)
-        step = statistics.median(on)
+        out = os.path.join(tmp, "on")
+        rc, text = torchrun(2, out, data, [f"train.steps={STEPS}", "parallel.ep=2"])
+        assert rc == 0, text[-3000:]
+        with open(os.path.join(out, "hang", "beats", "rank_0.json")) as f:
+            beat = json.load(f)
+        step = statistics.median(step_times(out))
         per_step_collectives = beat["count"] / beat["step"] / 2  # upper bound: phases count too
         cost = per_step_collectives * call_s + 5 * phase_s + 2 * call_s / 10
         print(f"\n| per step (tiny, 2 ranks dp 2 x ep 2) | value |\n|---|---|")
         print(f"| collectives per step (at most) | {per_step_collectives:.0f} |\n| median step time | {step * 1e3:.1f} ms |")
         print(f"| heartbeat + tracing + straggler gather per step | {cost * 1e6:.0f} us = {100 * cost / step:.3f} % |")
-        print(f"\n| end to end, steps 3..{STEPS}, 2 runs each | median step | mean step |\n|---|---|---|")
-        for name, xs in (("watchdog + stragglers on", on), ("off", off)):
-            print(f"| {name} | {statistics.median(xs) * 1e3:.1f} ms | {statistics.mean(xs) * 1e3:.1f} ms |")
+        ab = os.path.join(tmp, "ab")
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            os.path.join(ROOT, "benchmarks", "fault_ab_worker.py"), ab, data, str(AB_BLOCKS),
+                            str(AB_BLOCK)], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(os.path.join(ab, "ab.json")) as f:
+            rows = [r for r in json.load(f) if r["step"] > 2 * AB_BLOCK]  # first block of each mode: warm-up
+        print(f"\n| A/B in one pair of processes, {AB_BLOCKS - 1} blocks of {AB_BLOCK} steps per mode | median step "
+              f"| mean step |\n|---|---|---|")
+        for mode in ("on", "off"):
+            xs = [r["step_time"] for r in rows if r["mode"] == mode]
+            print(f"| diagnostics {mode} | {statistics.median(xs) * 1e3:.1f} ms | {statistics.mean(xs) * 1e3:.1f} ms |")
         print("\n| fault (rank 2 of 4, hang_seconds 5) | injection to job exit | diagnosis |\n|---|---|---|")
         for kind in ("stop", "kill"):
             out = os.path.join(tmp, kind)

@@ -96,7 +96,7 @@ class Monitor:
         if self.profiler is not None:
             self.profiler.end_step(step)
         self._steps, self._seconds = self._steps + 1, self._seconds + seconds
-        if self.beat.rank == 0 and (step % self.every == 0 or self.beat.steps_done == 1):
+        if self.beat.rank == 0 and self.every and (step % self.every == 0 or self.beat.steps_done == 1):
             record_progress(step)
         if not self.straggler_ratio or step % self.every:
             return {}

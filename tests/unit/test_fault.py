@@ -136,3 +136,12 @@ def test_watchdog_fires_dumps_stacks_names_the_silent_rank_and_exits_75(tmp_path
     assert "no progress for 1 s" in stacks and "Thread" in stacks and "<string>" in stacks
     with open(board.path(0)) as f:
         assert json.load(f)["collective"] == "all_to_all"
+
+
+def test_the_monitor_of_a_bare_run_does_nothing_at_step_ends():
+    from trainer.diagnostics import Monitor
+    mon = Monitor.off()
+    mon.begin_step(10)
+    mon.phase("forward_backward")
+    assert mon.end_step(10, 0.1) == {} and mon.beat.steps_done == 1
+    mon.close()
