@@ -61,7 +61,8 @@ def test_head_node_prefers_scontrol(tmp_path):
 ])
 def test_exit_code_policy(tmp_path, rc, preempted, expect_rc, requeued, message):
     path = fake_scontrol(tmp_path)
-    res = bash(f"MOEPIPE_PREEMPTED={preempted}; moepipe_finish {rc}", path, {"SLURM_JOB_ID": "42"})
+    res = bash(f"MOEPIPE_PREEMPTED={preempted}; moepipe_finish {rc}", path,
+               {"SLURM_JOB_ID": "42", "MOEPIPE_PROGRESS_FILE": str(tmp_path / "job.progress")})
     assert res.returncode == expect_rc, res.stdout + res.stderr
     assert message in res.stdout
     calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
