@@ -46,6 +46,22 @@ def record_progress(step: int) -> None:
         log.warning("cannot record progress in MOEPIPE_PROGRESS_FILE=%s: %s", path, e)
 
 
+FAULT_KINDS = ("stop", "kill", "oom", "slow")
+
+
+def parse_fault(spec: str) -> tuple[str, int, float]:
+    """'stop:2:3' -> ('stop', 2, 3.0); raises ValueError naming MOEPIPE_FAULT for anything else."""
+    parts = spec.split(":")
+    try:
+        kind, rank, arg = parts[0], int(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        kind = ""
+    if len(parts) != 3 or kind not in FAULT_KINDS:
+        raise ValueError(f"MOEPIPE_FAULT = {spec!r}: expected KIND:RANK:STEP with KIND one of "
+                         f"{', '.join(FAULT_KINDS)} (slow: KIND:RANK:SECONDS), e.g. stop:2:3")
+    return kind, rank, arg
+
+
 class Monitor:
     """Heartbeat, watchdog, straggler report and fault injection of one rank."""
 
@@ -55,7 +71,7 @@ class Monitor:
         self.beat, self.watchdog, self.device = beat, watchdog, device
         self.profiler, self.output_dir = profiler, output_dir
         self.straggler_ratio, self.every = straggler_ratio, every
-        self.faults = [spec.split(":") for spec in fault.split(",") if spec]
+        self.faults = [parse_fault(spec) for spec in fault.split(",") if spec]
         self._stack = contextlib.ExitStack()
         self._steps, self._seconds = 0, 0.0
 
@@ -127,8 +143,7 @@ class Monitor:
             self.watchdog.explain_failure(error)
 
     # ---- fault injection ----
-    def _inject(self, kind: str, rank: str, arg: str) -> None:
-        rank, arg = int(rank), float(arg)
+    def _inject(self, kind: str, rank: int, arg: float) -> None:
         if rank != self.beat.rank:
             return
         if kind == "slow":

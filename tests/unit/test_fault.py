@@ -145,3 +145,11 @@ def test_the_monitor_of_a_bare_run_does_nothing_at_step_ends():
     mon.phase("forward_backward")
     assert mon.end_step(10, 0.1) == {} and mon.beat.steps_done == 1
     mon.close()
+
+
+def test_fault_specs_are_checked():
+    from trainer.diagnostics import parse_fault
+    assert parse_fault("slow:1:0.5") == ("slow", 1, 0.5)
+    for bad in ("hang:1:2", "stop:2", "stop:x:3", "stop:1:2:3"):
+        with pytest.raises(ValueError, match="MOEPIPE_FAULT"):
+            parse_fault(bad)
