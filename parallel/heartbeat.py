@@ -44,6 +44,7 @@ class Heartbeat:
         self.step = 0
         self.phase = "start"
         self.collective: tuple[str, int] | None = None   # (name, number in this step) while inside
+        self.peers: list[int] | None = None              # global ranks of its group (None: the world)
         self.failed: tuple[str, int, int] | None = None  # (name, number, step) of a collective that raised
         self.seqs: dict[str, int] = {}
         self.pending: dict[int, tuple[str, int]] = {}    # id(async Work) -> (name, number)
@@ -65,13 +66,13 @@ class Heartbeat:
         self.steps_done += 1
         self._set("step_done")
 
-    def enter(self, name: str) -> tuple[str, int] | None:
-        """Mark entering collective `name`; returns its (name, number) or None when nested."""
+    def enter(self, name: str, peers: list[int] | None = None) -> tuple[str, int] | None:
+        """Mark entering collective `name` over `peers`; returns its (name, number) or None when nested."""
         if self.collective is not None:
             return None
         self._account()
         self.seqs[name] = self.seqs.get(name, 0) + 1
-        self.collective = (name, self.seqs[name])
+        self.collective, self.peers = (name, self.seqs[name]), peers
         self.count += 1
         return self.collective
 
@@ -106,7 +107,8 @@ class Heartbeat:
     def snapshot(self) -> dict:
         c = self.collective
         return {"rank": self.rank, "world": self.world_size, "step": self.step, "phase": self.phase,
-                "collective": c[0] if c else None, "seq": c[1] if c else None, "count": self.count}
+                "collective": c[0] if c else None, "seq": c[1] if c else None,
+                "peers": self.peers if c else None, "count": self.count}
 
     def take_window(self) -> dict:
         """Seconds of data and collective wait inside timed steps since the previous call."""
@@ -128,10 +130,22 @@ class Heartbeat:
         self._since = now
 
 
-def _traced(fn, name: str, beat: Heartbeat):
+def _group_ranks(group, cache: dict) -> list[int] | None:
+    """Global ranks of `group` (None for the default group), looked up once per group."""
+    if group is None:
+        return None
+    if id(group) not in cache:
+        try:
+            cache[id(group)] = dist.get_process_group_ranks(group)
+        except (RuntimeError, ValueError):
+            cache[id(group)] = None
+    return cache[id(group)]
+
+
+def _traced(fn, name: str, beat: Heartbeat, groups: dict):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        token = beat.enter(name)
+        token = beat.enter(name, _group_ranks(kwargs.get("group"), groups))
         try:
             out = fn(*args, **kwargs)
         except BaseException:
@@ -166,8 +180,9 @@ def traced_collectives(beat: Heartbeat):
     originals = {name: getattr(dist, name) for name in TRACED if hasattr(dist, name)}
     wait = dist.Work.wait
     try:
+        groups: dict = {}
         for name, fn in originals.items():
-            setattr(dist, name, _traced(fn, TRACED[name], beat))
+            setattr(dist, name, _traced(fn, TRACED[name], beat, groups))
         dist.Work.wait = _traced_wait(wait, beat)
         yield beat
     finally:

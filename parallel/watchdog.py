@@ -131,7 +131,9 @@ def diagnose(beats: dict[int, dict | None], world: int, now: float, stale_after:
                     f"silent for {now - b['time']:.0f} s, last seen in {_where(b)}: stopped or dead")
             groups[f"never entered {target} ({what})"].append(r)
         elif b.get("collective"):
-            groups[f"waits in {_where(b)} instead of {target}"].append(r)
+            late = sorted(set(b.get("peers") or []) - set(waiting) - {r})
+            with_ = f" (its group: ranks {rank_list(b['peers'])})" if late else ""
+            groups[f"waits in {_where(b)}{with_} instead of {target}"].append(r)
         else:
             groups[f"never entered {target} (still in {_where(b)})"].append(r)
     if not groups:

@@ -39,7 +39,9 @@ def _traced_step(rank, world):
         work = dist.all_reduce(t, async_op=True)
         work.wait()
         out = torch.empty(4)
-        dist.all_to_all_single(out, torch.arange(4.0) + 10 * rank)
+        pair = dist.new_group([0, 1])
+        dist.all_to_all_single(out, torch.arange(4.0) + 10 * rank, group=pair)
+        peers = beat.peers
         peer = 1 - rank
         ops = [dist.P2POp(dist.isend, torch.full((2,), float(rank)), peer),
                dist.P2POp(dist.irecv, buf := torch.empty(2), peer)]
@@ -47,7 +49,7 @@ def _traced_step(rank, world):
             w.wait()
         beat.end_step()
         window = beat.take_window()
-    return {"seqs": beat.seqs, "seen": seen, "inside": beat.collective, "comm": window["comm"],
+    return {"peers": peers, "seqs": beat.seqs, "seen": seen, "inside": beat.collective, "comm": window["comm"],
             "restored": dist.all_reduce is original, "sum": t.tolist(), "recv": buf.tolist()}
 
 
@@ -55,7 +57,7 @@ def test_collectives_are_named_and_numbered_on_real_ranks():
     r0, r1 = run_ranks(_traced_step, 2, timeout=120)
     for r in (r0, r1):
         assert r["seqs"] == {"all_reduce": 3, "all_to_all": 1, "send/recv": 1}
-        assert r["inside"] is None and r["restored"]
+        assert r["inside"] is None and r["restored"] and r["peers"] == [0, 1]
         assert r["sum"] == [8.0] * 4  # 1 -> 2 -> 4 -> 8: the traced calls really reduced
     assert r0["recv"] == [1.0, 1.0] and r1["recv"] == [0.0, 0.0]
     assert r0["seen"] == ["all_reduce #2 of step 1"]

@@ -54,6 +54,10 @@ def test_a_rank_in_another_collective_is_named_with_it():
     line = diagnose(beats, 4, NOW, stale_after=5.0)
     assert "rank 3 of 4 waits in all_reduce #1 of step 5 instead of all_to_all #2 of step 5" in line
     assert "no rank" not in line
+    beats[2], beats[3]["peers"] = beat(2, 5, age=30.0), [2, 3]  # rank 3 waits with rank 2, which is silent
+    line = diagnose(beats, 4, NOW, stale_after=5.0)
+    assert "rank 3 of 4 waits in all_reduce #1 of step 5 (its group: ranks 2,3) instead of all_to_all #2" in line
+    assert "rank 2 of 4 never entered all_to_all #2 of step 5 (silent for 30 s" in line
 
 
 def test_no_collective_at_all():
