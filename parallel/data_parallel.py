@@ -32,7 +32,9 @@ from parallel.sharded_state import FlatChunks
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 # all_gather_into_tensor is deprecated (a FutureWarning on every call) where all_gather_single exists
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _all_gather_flat(*args, **kwargs):
+    """Looked up at call time, so that a traced torch.distributed (parallel.heartbeat) sees it."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 @dataclass

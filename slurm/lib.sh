@@ -8,7 +8,11 @@
 # torchrun pass USR1 to its workers and wait up to --shutdown-timeout for them to save). The trainer finishes its step, checkpoints and exits 75
 # (EX_TEMPFAIL); then this shell runs `scontrol requeue` and the requeued job resumes from the
 # checkpoint. A failed rank ends its torchrun, and `srun --kill-on-bad-exit` ends the others,
-# so a crash is one clear message, not a hang in a collective.
+# so a crash is one clear message, not a hang in a collective. A hang is ended by the trainer's
+# watchdog (fault.hang_seconds: stacks and the stuck rank's name in train.output_dir/hang/, exit 75).
+# A crash (any failure but the trainer's exit 2 for bad input) is requeued too, from the last
+# checkpoint, until MOEPIPE_MAX_STALLED_REQUEUES crash-requeues in a row reach no step beyond the
+# best one so far (the trainer writes the highest step it reached to MOEPIPE_PROGRESS_FILE).
 #
 # Environment knobs (all optional):
 #   MOEPIPE_ROOT              repository to run in (default: the directory sbatch was called from)
@@ -18,6 +22,9 @@
 #   MOEPIPE_JOIN_TIMEOUT      seconds a node waits for the others at rendezvous (300)
 #   MOEPIPE_ENTRY             Python module torchrun runs (default trainer.train)
 #   MOEPIPE_PYTHON            interpreter whose torchrun to use (default: python3 on PATH)
+#   MOEPIPE_MAX_STALLED_REQUEUES  crash-requeues in a row without progress before giving up (2)
+#   MOEPIPE_PROGRESS_FILE     where the trainer records its highest step (default: .moepipe-<job>.progress
+#                             in the submit directory; <file>.user_error marks a rejected input)
 
 EXIT_PREEMPTED=75
 
@@ -78,6 +85,8 @@ moepipe_launch() {
     moepipe_log "job $job (restart ${SLURM_RESTART_COUNT:-0}) in $root: $nodes node(s) x $nproc process(es)," \
         "rendezvous $head:$port; ${MOEPIPE_ENTRY:-trainer.train} $*"
     export MOEPIPE_HEAD=$head MOEPIPE_PORT=$port MOEPIPE_NNODES=$nodes MOEPIPE_NPROC=$nproc MOEPIPE_PY=$py
+    export MOEPIPE_PROGRESS_FILE=${MOEPIPE_PROGRESS_FILE:-${SLURM_SUBMIT_DIR:-$root}/.moepipe-$job.progress}
+    rm -f "$MOEPIPE_PROGRESS_FILE.user_error"
     MOEPIPE_PREEMPTED=
     trap 'moepipe_forward_signal USR1' USR1
     trap 'moepipe_forward_signal TERM' TERM
@@ -116,11 +125,32 @@ moepipe_finish() {
         moepipe_log "scontrol requeue failed; resubmit the same command to resume from the checkpoint"
         return "$EXIT_PREEMPTED"
     fi
-    if [[ $rc == 2 ]]; then
-        moepipe_log "FAILED: the trainer rejected its input (exit 2); the error line is above"
-    else
-        moepipe_log "FAILED: a rank exited with code $rc; the job was brought down (lines above are" \
-            "prefixed by node index). Fix the cause and resubmit; it resumes from the last checkpoint."
+    if [[ $rc == 2 || -e ${MOEPIPE_PROGRESS_FILE:-/nonexistent}.user_error ]]; then
+        moepipe_log "FAILED: the trainer rejected its input (exit $rc); the error line is above"
+        return "$rc"
     fi
-    return "$rc"
+    moepipe_crash_requeue "$rc"
+}
+
+# A crash: requeue from the last checkpoint unless MOEPIPE_MAX_STALLED_REQUEUES crash-requeues in a
+# row have not moved the highest step reached (a crash that repeats at the same place).
+moepipe_crash_requeue() {
+    local rc=$1 progress best=-1 stalled=0 limit=${MOEPIPE_MAX_STALLED_REQUEUES:-2}
+    local file=${MOEPIPE_PROGRESS_FILE:-${SLURM_SUBMIT_DIR:-.}/.moepipe-$SLURM_JOB_ID.progress}
+    read -r progress < "$file" 2>/dev/null || progress=0  # builtins only: no PATH needed
+    [[ $progress =~ ^[0-9]+$ ]] || progress=0
+    if [[ -r $file.requeues ]]; then read -r best stalled < "$file.requeues"; fi
+    if (( progress > best )); then stalled=0; else stalled=$((stalled + 1)); fi
+    echo "$(( progress > best ? progress : best )) $stalled" > "$file.requeues"
+    if (( stalled >= limit )); then
+        moepipe_log "FAILED: a rank exited with code $rc, and $stalled requeues in a row got no further than" \
+            "step $progress (MOEPIPE_MAX_STALLED_REQUEUES=$limit); not requeueing. See the lines above" \
+            "(prefixed by node index) and train.output_dir/hang/; resubmit to resume from the last checkpoint."
+        return "$rc"
+    fi
+    moepipe_log "a rank exited with code $rc at step $progress (a crash, a dead or hung rank; see" \
+        "train.output_dir/hang/); requeueing job $SLURM_JOB_ID from the last checkpoint" \
+        "($stalled of $limit requeues without progress)"
+    scontrol requeue "$SLURM_JOB_ID" || moepipe_log "scontrol requeue failed; resubmit to resume"
+    return "$EXIT_PREEMPTED"
 }

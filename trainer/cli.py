@@ -38,6 +38,17 @@ def error_line(e: BaseException) -> str | None:
     return f"error{'' if rank == '0' else f' (rank {rank})'}: {text}"
 
 
+def mark_user_error() -> None:
+    """Under slurm/lib.sh, leave `<MOEPIPE_PROGRESS_FILE>.user_error` so that the launcher, which
+    sees torchrun's exit 1 for any failed worker, does not requeue a rejected input."""
+    path = os.environ.get("MOEPIPE_PROGRESS_FILE")
+    if path:
+        try:
+            open(path + ".user_error", "a").close()
+        except OSError:
+            pass
+
+
 def user_errors(main):
     """Decorator for a CLI's `main`: user errors -> one line on stderr and EXIT_USER_ERROR."""
     @functools.wraps(main)
@@ -48,6 +59,7 @@ def user_errors(main):
             line = error_line(e)
             if line:
                 print(line, file=sys.stderr)
+            mark_user_error()
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted: stopped at once without saving", file=sys.stderr)

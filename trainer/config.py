@@ -23,6 +23,8 @@ import yaml
 from data.config import DataConfig
 from data.dedup.config import DedupConfig
 from parallel.config import ParallelConfig
+from parallel.fault import FaultConfig
+from parallel.profiling import ProfileConfig
 from parallel.fp8.config import FP8Config
 from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
 from parallel.pipeline.layout import num_stages, resolve_layout
@@ -121,9 +123,12 @@ class LoggingConfig:
     every: int = doc(10, "Print a console line every N steps (metrics.jsonl gets every step).")
     tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tb.")
     peak_tflops: float = doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up from the device (CPU: 1.0).")
+    wandb: dict = doc({}, "Weights & Biases, beside TensorBoard: {project: NAME, name: RUN_NAME, offline: true, entity: TEAM}; {} = off. Needs the wandb package (imported only when set).")
 
     def __post_init__(self):
+        from trainer.wandb_log import check_settings
         require(self.every >= 1, "every", self.every, "must be >= 1")
+        check_settings(self.wandb)
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 
@@ -143,7 +148,8 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig, "mtp": MTPConfig,
     "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig, "dedup": DedupConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "eval": EvalConfig,
+    "logging": LoggingConfig, "eval": EvalConfig, "fault": FaultConfig,
+    "profile": ProfileConfig,
 }
 
 
@@ -165,6 +171,8 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     def validate(self) -> "Config":
         """Checks that span sections; raises ConfigError naming both fields."""

@@ -24,6 +24,7 @@ from model.batch import make_batch
 from parallel import checkpoint as ckpt
 from parallel.engine import Engine, StepMetrics
 from trainer.config import Config, dump_yaml
+from trainer.diagnostics import Monitor
 from trainer.errors import NonFiniteError
 from trainer.evaluate import maybe_validate
 from trainer.plan.flops import flops_per_token
@@ -41,6 +42,7 @@ class Run:
     step: int = 0
     nan_skips: int = 0
     stop_requested: list[int | str] = field(default_factory=list)
+    monitor: Monitor = field(default_factory=Monitor.off)  # heartbeat, watchdog, stragglers
 
     @property
     def model(self) -> torch.nn.Module:
@@ -145,19 +147,25 @@ def train(run: Run, metrics: MetricsWriter) -> Run:
     try:
         while run.step < cfg.train.steps and not stop_agreed(run):
             lr = lr_at(run.step, cfg.optim, cfg.schedule, cfg.train.steps)
+            run.monitor.begin_step(run.step + 1)
             timer.start()
-            m = engine.reduce_metrics(engine.forward_backward(take_batches(run)))
+            batches = take_batches(run)
+            run.monitor.phase("forward_backward")
+            m = engine.reduce_metrics(engine.forward_backward(batches))
+            run.monitor.phase("optimizer")
             grad_norm, stepped = optimizer_step(run, m, lr)
             seconds = timer.stop()
             run.step += 1
+            row_ranks = run.monitor.end_step(run.step, seconds)
             tps = tokens_per_step / seconds
             row = {"loss": m.loss, "lm_loss": m.lm_loss, "mtp_loss": m.mtp_loss, "balance_loss": m.balance_loss,
                    **m.comm, "grad_norm": grad_norm, "lr": lr, "step_time": seconds, "tokens_per_s": tps,
                    "tflops": tps * flops_tok / 1e12, "maxvio": max_violation(m.expert_counts), "skipped": not stepped,
                    "expert_counts": m.expert_counts}
             row["mfu"] = row["tflops"] / peak if peak else None
-            row.update(maybe_validate(run))
+            row.update(maybe_validate(run), **row_ranks)
             metrics.write(run.step, cfg.train.steps, row)
+            run.monitor.phase("checkpoint")
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < cfg.train.steps:
                 saver.save(run.step, engine.state_dict(), small_state(run))
                 saved = run.step

@@ -93,12 +93,14 @@ def setup_logging(output_dir: str | None, rank: int = 0) -> None:
 class MetricsWriter:
     """Writes every step to metrics.jsonl and TensorBoard; prints every `every` steps. Rank 0 only."""
 
-    def __init__(self, output_dir: str, every: int, tensorboard: bool, enabled: bool = True):
+    def __init__(self, output_dir: str, every: int, tensorboard: bool, enabled: bool = True,
+                 wandb: dict | None = None, config: dict | None = None):
         self.every = every
         self.enabled = enabled
         self.output_dir = output_dir
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._t0 = time.perf_counter()
         self._steps = 0                    # steps written by this process
         self._tokens = self._seconds = 0.0          # whole run (this process)
@@ -111,6 +113,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: slow import
             self._tb = SummaryWriter(os.path.join(output_dir, "tb"))
+        if wandb:
+            from trainer.wandb_log import open_run
+            self._wandb = open_run(wandb, config or {}, output_dir)
 
     def write(self, step: int, total: int, m: dict) -> None:
         counts = m.pop("expert_counts", None)
@@ -126,6 +131,9 @@ class MetricsWriter:
             for key, value in m.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            from trainer.wandb_log import scalars
+            self._wandb.log(scalars(m), step=step)
         if printed:
             log.info(format_line(step, total, m))
 
@@ -175,6 +183,8 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def format_line(step: int, total: int, m: dict) -> str:

@@ -8,6 +8,9 @@ From RUN_DIR/metrics.jsonl (one record per step, resumed steps de-duplicated) in
   expert_load.png  per MoE layer, load of every expert / mean load over the logged steps: the
                    auxiliary-loss-free bias update (DeepSeek-V3 section 2.1.2) at work shows as
                    the picture turning uniform
+  ranks.png        multi-rank runs: every rank's seconds per step in compute, collective wait and
+                   data at the logged steps (a straggler is the line on top of compute and at
+                   the bottom of collective wait)
 Every PNG also carries the series it draws as JSON in its `moepipe:series` text chunk, so a test
 (or a reader) can check a picture against the data. For a sweep's output directory (run
 directories below it) it prints the sweep's results table and writes plots/loss_overlay.png,
@@ -112,6 +115,30 @@ def expert_load_heatmap(records: list[dict], path: str, names: list[str] | None 
     return _save(fig, path, {"step": steps, "relative_load": rel, "layers": names or []})
 
 
+RANK_FIELDS = (("rank_compute_s", "compute"), ("rank_comm_s", "collective wait"), ("rank_data_s", "data"))
+
+
+def rank_times(records: list[dict], path: str) -> str | None:
+    """One panel per part of the step (compute, collective wait, data), one line per rank."""
+    recs = [r for r in records if isinstance(r.get("rank_compute_s"), list)]
+    if not recs:
+        return None
+    plt = _pyplot()
+    steps, n_ranks = [r["step"] for r in recs], len(recs[0]["rank_compute_s"])
+    data = {"step": steps}
+    fig, axes = plt.subplots(len(RANK_FIELDS), 1, figsize=(7, 2.2 * len(RANK_FIELDS)), sharex=True)
+    for ax, (key, title) in zip(axes, RANK_FIELDS):
+        data[key] = [[r[key][rank] for r in recs] for rank in range(n_ranks)]  # [rank][logged step]
+        for rank, values in enumerate(data[key]):
+            ax.plot(steps, values, label=f"rank {rank}", linewidth=1, marker="o" if len(steps) < 30 else None,
+                    markersize=3)
+        ax.set(ylabel="s / step", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=min(n_ranks, 8))
+    axes[-1].set_xlabel("step")
+    return _save(fig, path, data)
+
+
 def plot_run(run_dir: str) -> list[str]:
     """All pictures of one run into run_dir/plots/; returns the paths written."""
     records = read_metrics(run_dir)
@@ -125,7 +152,8 @@ def plot_run(run_dir: str) -> list[str]:
             line_plot(records, ["grad_norm"], "gradient norm (before clipping)", os.path.join(out, "grad_norm.png"),
                       log_y=True),
             line_plot(records, ["maxvio"], "MaxVio (max / mean expert load - 1)", os.path.join(out, "maxvio.png")),
-            expert_load_heatmap(records, os.path.join(out, "expert_load.png"), _names_for(run_dir, records))]
+            expert_load_heatmap(records, os.path.join(out, "expert_load.png"), _names_for(run_dir, records)),
+            rank_times(records, os.path.join(out, "ranks.png"))]
     return [p for p in made if p]
 
 

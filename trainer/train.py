@@ -5,6 +5,8 @@ configured output directory is not prepared yet, resumes from the latest checkpo
 `train.output_dir` (checkpoint.resume=auto), logs the fully resolved config first, then trains.
 User errors (config, data, checkpoint) end with one clear line and exit code 2, not a traceback.
 A run stopped by SIGTERM/SIGUSR1 or a first Ctrl-C (SIGINT) checkpoints and exits 75 (EX_TEMPFAIL) so the launcher requeues it.
+A hang (no progress for fault.hang_seconds) or a dead peer dumps stacks to output_dir/hang/, names
+the stuck rank in one line and also exits 75 (`trainer.diagnostics`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.cli import user_errors
-from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from trainer.cpu_threads import set_cpu_threads
 from trainer.evaluate import describe_validation
 from trainer.restore import pick_device
@@ -80,7 +82,10 @@ def init_distributed(cfg: Config, device: torch.device):
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        from parallel.fault import process_group_timeout_s, set_collective_environment
+        from trainer.diagnostics import hang_dir
+        set_collective_environment(hang_dir(cfg.train.output_dir), cuda=backend == "nccl")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=process_group_timeout_s(cfg.fault)))
     try:
         return Topology.from_config(cfg.parallel, num_experts=cfg.moe.num_experts)
     except ValueError as e:
@@ -143,6 +148,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
     from parallel import checkpoint as ckpt
     from trainer import init_from, preflight
     from trainer.loop import install_stop_handlers, load_state, train
+    from trainer.diagnostics import Monitor
     from trainer.metrics import MetricsWriter, setup_logging
 
     setup_logging(cfg.train.output_dir, topology.rank)
@@ -186,12 +192,18 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
     install_stop_handlers(run_)
     log.info("model: %s; training %d steps", describe_params(cfg, run_.model, topology), cfg.train.steps)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
-                            enabled=topology.rank == 0)
+                            enabled=topology.rank == 0, wandb=cfg.logging.wandb, config=to_dict(cfg))
+    run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED, run_.model)
     try:
         train(run_, metrics)
+        run_.monitor.close()  # plots and summary are no steps
         if topology.rank == 0:
             finish(cfg, run_, metrics)
+    except Exception as e:
+        run_.monitor.on_error(e, run_.engine)  # OOM: memory report; a dead peer: named, exit 75
+        raise
     finally:
+        run_.monitor.close()
         metrics.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

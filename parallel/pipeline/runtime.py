@@ -146,6 +146,14 @@ class PipelineRuntime:
     def _timed(self, fn, acts) -> None:
         """fn(acts); with `record_timeline` each action of `acts` (one, or a batch of comms) gets
         the call's (start, end) in seconds of `time.perf_counter`."""
+        if torch.autograd._profiler_enabled():  # a named range per action (parallel.profiling)
+            names = str(acts) if isinstance(acts, Action) else " ".join(map(str, acts))
+            with torch.autograd.profiler.record_function(f"pipeline {names}"):
+                self._run_timed(fn, acts)
+        else:
+            self._run_timed(fn, acts)
+
+    def _run_timed(self, fn, acts) -> None:
         if not self.record_timeline:
             fn(acts)
             return

@@ -104,13 +104,14 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert len(re.findall(rf"step +{saved}/40 ", text)) == 1
 
 
-def test_failed_rank_brings_the_job_down(cluster, tmp_path):
+def test_failed_rank_brings_the_job_down_and_requeues_until_no_progress(cluster, tmp_path):
+    """A crash is requeued; the same crash at the same step twice more ends the job."""
     job, log = submit(cluster, tmp_path, "fail", 2, ["train.steps=50"], FAKE_FAIL_RANK="1")
-    info = finished(cluster, job, 120)
+    info = finished(cluster, job, 240)
     text = read(log)
-    assert info["JobState"] == "FAILED", text
-    assert "fake failure on rank 1" in text
-    assert "FAILED: a rank exited with code" in text
+    assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 2, text
+    assert "fake failure on rank 1" in text and "requeueing job" in text
+    assert "2 requeues in a row got no further than step" in text
     assert not re.search(r"step +50/50", text)  # the healthy node did not run on alone
 
 

@@ -44,6 +44,21 @@ def test_run_plots_hold_the_metrics_series(tmp_path):
     assert heat["relative_load"][1][0] == pytest.approx([0.25, 0.25, 2.5, 1.0])
 
 
+def test_per_rank_step_split_is_drawn(tmp_path):
+    w = MetricsWriter(str(tmp_path), every=2, tensorboard=False)
+    for step in range(1, 5):
+        m = {"loss": 1.0, "lm_loss": 1.0, "mtp_loss": 1.0, "balance_loss": 0.0, "lr": 1e-3, "grad_norm": 1.0,
+             "tokens_per_s": 1.0, "step_time": 0.5, "tflops": 0.0, "mfu": None, "maxvio": 0.0}
+        if step % 2 == 0:
+            m.update(rank_compute_s=[0.1, 0.4 * step, 0.1], rank_comm_s=[0.3, 0.0, 0.3], rank_data_s=[0.01] * 3)
+        w.write(step, 4, m)
+    w.close()
+    assert main([str(tmp_path)]) == 0
+    drawn = read_series(tmp_path / "plots" / "ranks.png")
+    assert drawn["step"] == [2, 4]
+    assert drawn["rank_compute_s"][1] == [0.8, 1.6] and drawn["rank_comm_s"][0] == [0.3, 0.3]
+
+
 def test_log_line_has_elapsed_eta_window_throughput_and_memory(tmp_path):
     records = _write_run(tmp_path, steps=10, every=5)
     r5, r10 = records[4], records[9]

@@ -56,16 +56,39 @@ def test_head_node_prefers_scontrol(tmp_path):
     (0, "", 0, False, "training finished"),
     (75, "", 75, True, "preempted (exit 75)"),
     (1, "USR1", 75, True, "preempted (exit 1)"),  # torchrun reports the signal, not the workers' 75
-    (1, "", 1, False, "FAILED: a rank exited with code 1"),
+    (1, "", 75, True, "a rank exited with code 1 at step 0"),  # a crash: requeued
     (2, "", 2, False, "FAILED: the trainer rejected its input"),
 ])
 def test_exit_code_policy(tmp_path, rc, preempted, expect_rc, requeued, message):
     path = fake_scontrol(tmp_path)
-    res = bash(f"MOEPIPE_PREEMPTED={preempted}; moepipe_finish {rc}", path, {"SLURM_JOB_ID": "42"})
+    res = bash(f"MOEPIPE_PREEMPTED={preempted}; moepipe_finish {rc}", path,
+               {"SLURM_JOB_ID": "42", "MOEPIPE_PROGRESS_FILE": str(tmp_path / "job.progress")})
     assert res.returncode == expect_rc, res.stdout + res.stderr
     assert message in res.stdout
     calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
     assert ("requeue 42" in calls) == requeued
+
+
+def test_crash_requeues_stop_when_no_progress_is_made(tmp_path):
+    """A crash is requeued; two crash-requeues in a row that reach no step beyond the best so far end
+    the job; progress resets the count; a rejected input (marker file) is never requeued."""
+    path, progress = fake_scontrol(tmp_path), tmp_path / "job.progress"
+    env = {"SLURM_JOB_ID": "42", "MOEPIPE_PROGRESS_FILE": str(progress)}
+
+    def crash(step: int | None) -> subprocess.CompletedProcess:
+        if step is not None:
+            progress.write_text(f"{step}\n")
+        return bash("MOEPIPE_PREEMPTED=; moepipe_finish 1", path, env)
+
+    assert crash(5).returncode == 75           # first crash, progress 5: requeue
+    assert crash(9).returncode == 75           # got further: requeue, count reset
+    assert crash(9).returncode == 75           # no progress: 1 of 2
+    res = crash(None)                          # still 9: 2 of 2, give up
+    assert res.returncode == 1 and "2 requeues in a row got no further than step 9" in res.stdout
+    assert (tmp_path / "calls").read_text().count("requeue 42") == 3
+    (tmp_path / "job.progress.user_error").touch()
+    res = crash(20)
+    assert res.returncode == 1 and "rejected its input" in res.stdout
 
 
 def test_signal_is_forwarded_once(tmp_path):
