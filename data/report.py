@@ -63,8 +63,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def summary_text(report: dict) -> str:
-    stages = _table(["stage", "docs in", "docs out", "MB", "s", "MB/s"],
-                    [[r["stage"], r["docs_in"], r["docs_out"], r["mb"], r["seconds"], r["mb_per_s"]]
+    stages = _table(["stage", "units", "docs in", "docs out", "MB", "s", "MB/s"],
+                    [[r["stage"], r.get("units", 1), r["docs_in"], r["docs_out"], r["mb"], r["seconds"], r["mb_per_s"]]
                      for r in report["stages"]])
     dumps = _table(["dump", "read", "bad", "duplicates", "kept"],
                    [[d["dump"], d["read"], d["bad"], d["duplicates"], d["kept"]] for d in report["dumps"]])
@@ -78,3 +78,40 @@ def summary_text(report: dict) -> str:
     return "\n\n".join([stages, dumps, totals, f"bad input: {bad_line}",
                         f"packing {report['packing_mode']} at L = {report['seq_len']}; "
                         f"train {report['sequences']['train']} / valid {report['sequences']['valid']} sequences"])
+
+
+@dataclass
+class StageProgress:
+    """Progress of one sharded stage: units done / total, documents/s, MB/s and ETA on stderr."""
+
+    name: str
+    total: int
+    quiet: bool = False
+    done: int = 0
+    docs: int = 0
+    nbytes: int = 0
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+    _last: float = field(default=0.0, repr=False)
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        self.docs += int(stats.get("docs", 0))
+        self.nbytes += int(stats.get("bytes", 0))
+        now = time.perf_counter()
+        if self.quiet or (now - self._last < 0.5 and self.done < self.total):
+            return
+        self._last = now
+        sys.stderr.write(("\r" if sys.stderr.isatty() else "") + self.line() + ("" if sys.stderr.isatty() else "\n"))
+        sys.stderr.flush()
+
+    def line(self) -> str:
+        secs = max(time.perf_counter() - self._t0, 1e-9)
+        eta = secs / self.done * (self.total - self.done) if self.done else float("nan")
+        return (f"[{self.name:>9}] units {self.done}/{self.total}  {self.docs / secs:,.0f} docs/s  "
+                f"{self.nbytes / 1e6 / secs:,.2f} MB/s  elapsed {secs:.1f}s  ETA {eta:.0f}s")
+
+    def close(self) -> float:
+        secs = time.perf_counter() - self._t0
+        if not self.quiet and sys.stderr.isatty():
+            sys.stderr.write("\n")
+        return secs

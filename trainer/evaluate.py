@@ -40,12 +40,13 @@ def valid_dirs_unchecked(cfg) -> list[str]:
 
 def valid_dirs(cfg) -> list[str]:
     """Prepared dataset dirs of the run (this one, then data.blend's), each with a validation split."""
+    from data.stream import has_split
     dirs = valid_dirs_unchecked(cfg)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "meta.json")):
             raise ConfigError(f"prepared data = {d}: not there; run python -m trainer.prepare "
                               "with the run's config (and the same --set)")
-        if not os.path.isfile(os.path.join(d, "valid.idx")):
+        if not has_split(d, "valid"):
             raise ConfigError(f"data.valid_fraction = 0 when {d} was prepared: it has no validation split; "
                               "prepare one with python -m trainer.prepare CONFIG --set data.valid_fraction=0.02 "
                               "and pass the same --set here")
@@ -103,9 +104,9 @@ def finish(sums: torch.Tensor, with_mtp: bool) -> dict:
 
 
 def open_split(directory: str):
-    from data.indexed import IndexedReader
+    from data.stream import open_split as open_data_split
     from data.stream import read_meta
-    return IndexedReader(os.path.join(directory, "valid")), int(read_meta(directory)["pad_id"])
+    return open_data_split(directory, "valid"), int(read_meta(directory)["pad_id"])
 
 
 def validate(run) -> dict:
