@@ -46,6 +46,9 @@ class LocalExecutor:
             results = map(_unit_job, jobs)
             self._collect(results, jobs, progress, stage)
         else:
+            if stage == "tokenize":  # import megatron-core (seconds) once, before the workers fork
+                from data.indexed import _megatron
+                _megatron()
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 self._collect(pool.imap(_unit_job, jobs), jobs, progress, stage)
         return progress.close()

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from data.dedup.index import DedupIndex, SignedBatch, _next_dump_id
+from data.dedup import _next_dump_id
+from data.dedup.index import DedupIndex, SignedBatch
 from data.dedup.minhash import band_keys
 from data.shards import global_ids
 
