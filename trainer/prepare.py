@@ -22,7 +22,6 @@ import sys
 from data.executors import run_task, slurm_commands, submit_slurm
 from data.prepare import plan, prepare, prepared_dir, stale_reason, stage_units, summary_text
 from trainer.cli import user_errors
-from trainer.config import load_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         ran = run_task(args.out, args.run_task, args.task, args.tasks)
         print(f"stage {args.run_task} task {args.task}/{args.tasks}: {ran} unit(s) run")
         return 0
+    from trainer.config import load_config  # imports the model config (torch): not needed by array tasks
     cfg = load_config(args.config, args.set)
     data_cfg = dataclasses.replace(cfg.data, output_dir=prepared_dir(cfg.data, cfg.dedup))
     reason = stale_reason(data_cfg.output_dir, data_cfg, cfg.dedup)
