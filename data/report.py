@@ -1,57 +1,15 @@
 """Progress lines per stage and the end-of-run summary tables of `python -m trainer.prepare`.
 
-`StageTimer` records, per stage, documents in/out, MB of text handled and seconds, and shows
-a progress line on stderr while the stage runs (redrawn in place on a terminal, one final line
-otherwise). `summary_text(report)` renders the JSON report as tables
-(per stage, per dump, packing totals) and a line of bad-input counts per reason.
+`StageProgress` shows, per stage, units done / total, documents/s, MB/s and the ETA on stderr
+while the stage runs (redrawn in place on a terminal, a line every half second otherwise).
+`summary_text(report)` renders the JSON report as tables (per stage with its unit count, per
+dump, packing totals) and a line of bad-input counts per reason.
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
-
-
-@dataclass
-class StageTimer:
-    """One pipeline stage; use as a context manager and call `update(done)`."""
-
-    name: str
-    total: int
-    docs_in: int = 0
-    docs_out: int = 0
-    mb: float = 0.0
-    seconds: float = 0.0
-    quiet: bool = False
-    _t0: float = field(default=0.0, repr=False)
-    _last: float = field(default=0.0, repr=False)
-
-    def __enter__(self) -> "StageTimer":
-        self._t0 = self._last = time.perf_counter()
-        return self
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.quiet or not sys.stderr.isatty() or now - self._last < 0.3:
-            return
-        self._last = now
-        pct = 100.0 * done / self.total if self.total else 100.0
-        sys.stderr.write(f"\r[{self.name:>9}] {done}/{self.total} ({pct:5.1f}%) {now - self._t0:6.1f}s")
-        sys.stderr.flush()
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._t0
-        if not self.quiet:
-            end = "\n"
-            if sys.stderr.isatty():
-                sys.stderr.write("\r")
-            sys.stderr.write(f"[{self.name:>9}] {self.total}/{self.total} done in {self.seconds:.2f}s{end}")
-            sys.stderr.flush()
-
-    def row(self) -> dict:
-        rate = self.mb / self.seconds if self.seconds > 0 else 0.0
-        return {"stage": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out,
-                "mb": round(self.mb, 3), "seconds": round(self.seconds, 3), "mb_per_s": round(rate, 2)}
 
 
 def _table(headers: list[str], rows: list[list]) -> str:

@@ -3,19 +3,24 @@
   sign       per input shard: read, normalise, exact hash (xxh3_128), MinHash signature and
              LSH band keys; band keys and exact hashes are written partitioned by bucket
   buckets    per hash bucket: exact duplicates (every copy of a hash but the earliest) and
-             near-duplicate candidate pairs (documents that share a band key, chained in
-             global-id order after dropping exact copies), verified by estimated Jaccard
-  clusters   one unit: connected components of the verified pairs; every member of a
-             cluster but its earliest document is dropped (plus the exact duplicates). It
-             holds only the ids of documents that have a duplicate, never documents
+             near-duplicate candidate pairs among documents sharing a band key (exact copies
+             left out): within a dedup batch each is paired with the next in global-id order,
+             across batches with the earliest of every earlier batch; pairs verified by
+             estimated Jaccard
+  clusters   one unit: within each batch, connected components of the verified pairs keep
+             their earliest document, and a component that matched an earlier batch is
+             dropped whole (plus the exact duplicates). It holds only the ids of documents
+             that have a duplicate, never documents
   tokenizer  one unit: the tokenizer.json ('bpe:N' trains on a seeded sample of kept text)
   tokenize   per input shard: read and normalise again, skip dropped ids, tokenize, pack,
              write the shard's Megatron .bin/.idx (train, and valid when asked)
 
 Cross-dump dedup keeping the earliest dump's copy is DeepSeek LLM's (arXiv 2401.02954,
-section 2), kept by DeepSeek-V3 (arXiv 2412.19437, section 4.1). With every document in one
-bucket and one shard this makes exactly the decisions of `dedup_dumps` on one batch: the same
-exact-first rule, the same chained candidate pairs, the same verification and components.
+section 2), kept by DeepSeek-V3 (arXiv 2412.19437, section 4.1). The decisions are exactly
+those of `data.dedup.dedup_dumps` (one process feeding `DedupIndex.add` batch after batch of
+`dedup.batch_docs` documents per dump): the same exact-first rule, the same candidate pairs,
+verification and components; a batch is (dump, position in the dump // batch_docs), known
+from the sign stage's counts, so no decision waits on an earlier one.
 
 Memory: a sign or tokenize unit holds one shard; a bucket unit holds its slice of every
 shard's band keys (about 12 bytes per document and band over the bucket count).
@@ -24,6 +29,7 @@ Legend: N documents of a shard, K signature bins, B bands, R bucket records, E e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -39,6 +45,7 @@ from data.shards import RECORD_BITS, global_ids, read_shard
 from data.tokenize import load_tokenizer, tokenize_chunk, train_bpe, tokenizer_source
 
 _EXAMPLES = 3
+log = logging.getLogger("data")
 _SAMPLE_TAG = np.uint64(0x5A17E5A17E)
 
 
@@ -84,6 +91,7 @@ def clean_docs(ctx, s: int, bad: dict | None = None):
                 entry[0] += 1
                 if len(entry[1]) < _EXAMPLES:
                     entry[1].append(f"{raw.source} {raw.text[:80]!r}" if raw.text else raw.source)
+                    log.warning("bad input (%s): %s", reason, entry[1][-1])
             continue
         records.append(i)
         texts.append(text)

@@ -110,12 +110,17 @@ def ensure_unit(ctx: Context, stage: str, unit: int, fn) -> tuple[dict, bool]:
 
 
 def unit_stats(ctx: Context, stage: str, n_units: int) -> list[dict]:
-    """Every unit's stats from its marker (the stage must be complete)."""
+    """Every unit's counters from its marker (the stage must be complete).
+
+    Reads the markers only: the files' digests are checked where a unit is about to be
+    skipped (`ensure_unit`), not here, so a bucket task does not re-read every shard's output.
+    """
     out = []
     for u in range(n_units):
-        marker = read_marker(ctx, stage, u)
-        if marker is None:
+        try:
+            with open(unit_dir(ctx, stage, u) + ".done.json", encoding="utf-8") as f:
+                out.append(json.load(f)["stats"])
+        except (OSError, ValueError, KeyError):
             raise RuntimeError(f"{unit_dir(ctx, stage, u)}: stage '{stage}' unit {u} is not complete; "
-                               "run the preparation again (finished units are kept)")
-        out.append(marker["stats"])
+                               "run the preparation again (finished units are kept)") from None
     return out
