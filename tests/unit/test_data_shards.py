@@ -139,3 +139,14 @@ def test_index_dir_dedups_against_an_earlier_preparation(tmp_path, corpus):
     assert first["dumps"][0]["kept"] == 16
     second = prepare(_cfg(tmp_path / "two", corpus[1:]), dedup, quiet=True)
     assert second["dumps"][0]["kept"] == 6  # the exact and edited copies of the first run's documents are gone
+
+
+def test_slurm_dry_run_prints_one_array_per_stage(tmp_path, corpus, capsys):
+    from trainer.prepare import main
+    rc = main(["--set", f"data.dumps=[{corpus[0]},{corpus[1]}]", f"data.output_dir={tmp_path}", "data.shard_mb=0.15",
+               "--slurm", "--tasks", "3", "--partition", "cpu", "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and [ln.split("--job-name=prepare-")[1].split()[0] for ln in lines] == \
+        ["sign", "buckets", "clusters", "tokenizer", "tokenize", "finalize"]
+    assert all("--partition=cpu" in ln and "slurm/prepare.sbatch" in ln for ln in lines)
+    assert "--array=0-2" in lines[0] and "--array=0-0" in lines[2]  # 3 tasks over the shards; one global task
