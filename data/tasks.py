@@ -12,6 +12,7 @@ are a pure function of the plan, so a redone unit writes the same bytes.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -82,8 +83,9 @@ def run_unit(ctx: Context, stage: str, unit: int, fn) -> dict:
     """Run `fn(ctx, unit, dir) -> stats` into a clean unit dir and write its marker; returns stats."""
     base = unit_dir(ctx, stage, unit)
     marker_path = base + ".done.json"
-    if os.path.exists(marker_path):
-        os.remove(marker_path)
+    for stale in [marker_path] + glob.glob(glob.escape(marker_path) + ".*.tmp"):  # a killed run's leftovers
+        if os.path.exists(stale):
+            os.remove(stale)
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
     t0 = time.perf_counter()

@@ -34,8 +34,9 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(out, dumps, **kw):
+    kw.setdefault("shard_mb", 0.15)
     return DataConfig(dumps=dumps, output_dir=str(out), seq_len=128, tokenizer="bpe:300", workers=1,
-                      valid_fraction=0.2, shard_mb=0.15, **kw)
+                      valid_fraction=0.2, **kw)
 
 
 def _run(cfg, dedup, tasks):
@@ -150,3 +151,32 @@ def test_slurm_dry_run_prints_one_array_per_stage(tmp_path, corpus, capsys):
         ["sign", "buckets", "clusters", "tokenizer", "tokenize", "finalize"]
     assert all("--partition=cpu" in ln and "slurm/prepare.sbatch" in ln for ln in lines)
     assert "--array=0-2" in lines[0] and "--array=0-0" in lines[2]  # 3 tasks over the shards; one global task
+
+
+def test_task_killed_mid_stage_resumes_with_the_same_bytes(tmp_path, corpus):
+    """A real SIGKILL of an array task after its first unit: the rerun redoes only the unfinished units."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data.tasks import read_marker
+    cfg = _cfg(tmp_path / "killed", corpus, shard_mb=0.05)
+    out = plan(cfg, DedupConfig())
+    ctx = load_context(out)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.prepare", "--run-task", "sign", "--out", out,
+                             "--task", "0", "--tasks", "1"], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while read_marker(ctx, "sign", 0) is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {u for u in range(len(ctx.shards)) if read_marker(ctx, "sign", u) is not None}
+    assert 0 in done
+    _, ex = _run(cfg, DedupConfig(), 2)
+    assert ex.ran["sign"] == sorted(set(range(len(ctx.shards))) - done)
+    assert not [n for n in os.listdir(ctx.work("sign")) if n.endswith(".tmp")]
+    clean = _cfg(tmp_path / "clean", corpus, shard_mb=0.05)
+    _run(clean, DedupConfig(), 1)
+    assert _prepared_bytes(out) == _prepared_bytes(clean.output_dir)
