@@ -25,7 +25,9 @@ class DataConfig:
     normalize: str = _doc("NFC", "Unicode normalisation of every document: NFC, NFKC or none.")
     max_doc_chars: int = _doc(2_000_000, "Documents longer than this many characters are rejected (counted as 'too_long').")
     max_error_fraction: float = _doc(0.01, "Fail `prepare` when more than this fraction of input records is bad (invalid UTF-8, bad JSON, empty, too long).")
-    workers: int = _doc(0, "Worker processes for normalise/tokenize; 0 = one per CPU (at most 8). Output is identical for any value.")
+    workers: int = _doc(0, "Local processes running the preparation's units (the default of `trainer.prepare --tasks`); 0 = one per CPU (at most 8). Output is identical for any value.")
+    shard_mb: float = _doc(64.0, "MB of input per input shard, the unit of the sign and tokenize stages (one task's memory grows with it, not with the corpus). Changes the packing at shard edges, so it is part of the data's fingerprint.")
+    tokenizer_sample_mb: float = _doc(64.0, "'bpe:N' trains on a fixed seeded sample of about this many MB of kept text (all of it when the corpus is smaller), once, before tokenizing.")
     seq_len: int = _doc(256, "Tokens per training sequence.")
     packing: str = _doc("bfd", "'bfd' (best-fit decreasing: no document cut unless longer than seq_len) or 'concat' (concatenate and split).")
     pack_buffer: int = _doc(10000, "Documents per best-fit-decreasing buffer (bounds memory on any corpus size).")
@@ -51,6 +53,9 @@ class DataConfig:
         for name in ("max_doc_chars", "pack_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        for name in ("shard_mb", "tokenizer_sample_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0 (MB)")
         if self.bundled_mb < 0:
             raise ValueError(f"bundled_mb = {self.bundled_mb}: must be >= 0 (0 = everything)")
         if not 0.0 <= self.max_error_fraction <= 1.0:

@@ -1,57 +1,15 @@
 """Progress lines per stage and the end-of-run summary tables of `python -m trainer.prepare`.
 
-`StageTimer` records, per stage, documents in/out, MB of text handled and seconds, and shows
-a progress line on stderr while the stage runs (redrawn in place on a terminal, one final line
-otherwise). `summary_text(report)` renders the JSON report as tables
-(per stage, per dump, packing totals) and a line of bad-input counts per reason.
+`StageProgress` shows, per stage, units done / total, documents/s, MB/s and the ETA on stderr
+while the stage runs (redrawn in place on a terminal, a line every half second otherwise).
+`summary_text(report)` renders the JSON report as tables (per stage with its unit count, per
+dump, packing totals) and a line of bad-input counts per reason.
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
-
-
-@dataclass
-class StageTimer:
-    """One pipeline stage; use as a context manager and call `update(done)`."""
-
-    name: str
-    total: int
-    docs_in: int = 0
-    docs_out: int = 0
-    mb: float = 0.0
-    seconds: float = 0.0
-    quiet: bool = False
-    _t0: float = field(default=0.0, repr=False)
-    _last: float = field(default=0.0, repr=False)
-
-    def __enter__(self) -> "StageTimer":
-        self._t0 = self._last = time.perf_counter()
-        return self
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.quiet or not sys.stderr.isatty() or now - self._last < 0.3:
-            return
-        self._last = now
-        pct = 100.0 * done / self.total if self.total else 100.0
-        sys.stderr.write(f"\r[{self.name:>9}] {done}/{self.total} ({pct:5.1f}%) {now - self._t0:6.1f}s")
-        sys.stderr.flush()
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._t0
-        if not self.quiet:
-            end = "\n"
-            if sys.stderr.isatty():
-                sys.stderr.write("\r")
-            sys.stderr.write(f"[{self.name:>9}] {self.total}/{self.total} done in {self.seconds:.2f}s{end}")
-            sys.stderr.flush()
-
-    def row(self) -> dict:
-        rate = self.mb / self.seconds if self.seconds > 0 else 0.0
-        return {"stage": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out,
-                "mb": round(self.mb, 3), "seconds": round(self.seconds, 3), "mb_per_s": round(rate, 2)}
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -63,8 +21,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def summary_text(report: dict) -> str:
-    stages = _table(["stage", "docs in", "docs out", "MB", "s", "MB/s"],
-                    [[r["stage"], r["docs_in"], r["docs_out"], r["mb"], r["seconds"], r["mb_per_s"]]
+    stages = _table(["stage", "units", "docs in", "docs out", "MB", "s", "MB/s"],
+                    [[r["stage"], r.get("units", 1), r["docs_in"], r["docs_out"], r["mb"], r["seconds"], r["mb_per_s"]]
                      for r in report["stages"]])
     dumps = _table(["dump", "read", "bad", "duplicates", "kept"],
                    [[d["dump"], d["read"], d["bad"], d["duplicates"], d["kept"]] for d in report["dumps"]])
@@ -78,3 +36,40 @@ def summary_text(report: dict) -> str:
     return "\n\n".join([stages, dumps, totals, f"bad input: {bad_line}",
                         f"packing {report['packing_mode']} at L = {report['seq_len']}; "
                         f"train {report['sequences']['train']} / valid {report['sequences']['valid']} sequences"])
+
+
+@dataclass
+class StageProgress:
+    """Progress of one sharded stage: units done / total, documents/s, MB/s and ETA on stderr."""
+
+    name: str
+    total: int
+    quiet: bool = False
+    done: int = 0
+    docs: int = 0
+    nbytes: int = 0
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+    _last: float = field(default=0.0, repr=False)
+
+    def update(self, stats: dict) -> None:
+        self.done += 1
+        self.docs += int(stats.get("docs", 0))
+        self.nbytes += int(stats.get("bytes", 0))
+        now = time.perf_counter()
+        if self.quiet or (now - self._last < 0.5 and self.done < self.total):
+            return
+        self._last = now
+        sys.stderr.write(("\r" if sys.stderr.isatty() else "") + self.line() + ("" if sys.stderr.isatty() else "\n"))
+        sys.stderr.flush()
+
+    def line(self) -> str:
+        secs = max(time.perf_counter() - self._t0, 1e-9)
+        eta = secs / self.done * (self.total - self.done) if self.done else float("nan")
+        return (f"[{self.name:>9}] units {self.done}/{self.total}  {self.docs / secs:,.0f} docs/s  "
+                f"{self.nbytes / 1e6 / secs:,.2f} MB/s  elapsed {secs:.1f}s  ETA {eta:.0f}s")
+
+    def close(self) -> float:
+        secs = time.perf_counter() - self._t0
+        if not self.quiet and sys.stderr.isatty():
+            sys.stderr.write("\n")
+        return secs

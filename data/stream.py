@@ -44,6 +44,46 @@ def read_meta(output_dir: str) -> dict:
     return meta
 
 
+class ShardedSplit:
+    """One split of a sharded preparation read as one dataset: the shards' sequences in shard order."""
+
+    def __init__(self, directory: str, entries: list):
+        self.readers, starts = [], [0]
+        for prefix, count in entries:
+            reader = IndexedReader(os.path.join(directory, prefix))
+            if len(reader) != int(count):
+                raise IndexedDataError(f"{os.path.join(directory, prefix)}: {len(reader)} sequences where meta.json "
+                                       f"records {count}; prepare it again with python -m trainer.prepare CONFIG")
+            self.readers.append(reader)
+            starts.append(starts[-1] + len(reader))
+        self.starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.readers[k].get(i - int(self.starts[k]))
+
+
+def open_split(directory: str, split: str):
+    """The `split` ('train' or 'valid') of a prepared directory: its shards as one dataset (or the
+    single `<split>.bin/.idx` of a directory written before sharding)."""
+    meta = read_meta(directory)
+    if "shards" in meta:
+        return ShardedSplit(directory, meta["shards"].get(split, []))
+    return IndexedReader(os.path.join(directory, split))
+
+
+def has_split(directory: str, split: str) -> bool:
+    """Whether a prepared directory holds sequences of `split` (and their files are there)."""
+    meta = read_meta(directory)
+    if "shards" not in meta:
+        return os.path.isfile(os.path.join(directory, f"{split}.idx"))
+    entries = meta["shards"].get(split, [])
+    return bool(entries) and all(os.path.isfile(os.path.join(directory, p + ".idx")) for p, _ in entries)
+
+
 def blend_schedule(weights: list[float], block: int = _BLOCK) -> np.ndarray:
     """Dataset id of each slot of a block: the dataset furthest below its share goes next."""
     w = np.asarray(weights, dtype=np.float64)
@@ -76,7 +116,7 @@ class TokenStream:
         self.pad_id = int(metas[0]["pad_id"])
         self.eos_id = int(metas[0]["eos_id"])
         self.vocab_size = max(int(m["vocab_size"]) for m in metas)
-        self.readers = [IndexedReader(os.path.join(d, split)) for d in dirs]
+        self.readers = [open_split(d, split) for d in dirs]
         for d, r in zip(dirs, self.readers):
             if len(r) == 0:
                 raise ValueError(f"{d}: split '{split}' has no sequences (raise data.valid_fraction "

@@ -36,12 +36,13 @@ log = logging.getLogger("moepipe")
 def valid_dirs(cfg) -> list[str]:
     """Prepared dataset dirs of the run (this one, then data.blend's), each with a validation split."""
     from data.prepare import prepared_dir
+    from data.stream import has_split
     dirs = [prepared_dir(cfg.data, cfg.dedup)] + list(cfg.data.blend)
     for d in dirs:
         if not os.path.isfile(os.path.join(d, "meta.json")):
             raise ConfigError(f"prepared data = {d}: not there; run python -m trainer.prepare "
                               "with the run's config (and the same --set)")
-        if not os.path.isfile(os.path.join(d, "valid.idx")):
+        if not has_split(d, "valid"):
             raise ConfigError(f"data.valid_fraction = 0 when {d} was prepared: it has no validation split; "
                               "prepare one with python -m trainer.prepare CONFIG --set data.valid_fraction=0.02 "
                               "and pass the same --set here")
@@ -99,9 +100,9 @@ def finish(sums: torch.Tensor, with_mtp: bool) -> dict:
 
 
 def open_split(directory: str):
-    from data.indexed import IndexedReader
+    from data.stream import open_split as open_data_split
     from data.stream import read_meta
-    return IndexedReader(os.path.join(directory, "valid")), int(read_meta(directory)["pad_id"])
+    return open_data_split(directory, "valid"), int(read_meta(directory)["pad_id"])
 
 
 def validate(run) -> dict:
@@ -121,11 +122,10 @@ def validate(run) -> dict:
 
 def describe_validation(cfg, directory: str) -> str | None:
     """What the in-training validation covers, for the start of the log (None when it is off)."""
-    path = os.path.join(directory, "valid")
-    if not cfg.eval.every or not os.path.isfile(path + ".idx"):
+    from data.stream import has_split
+    if not cfg.eval.every or not has_split(directory, "valid"):
         return None
-    from data.indexed import IndexedReader
-    total = len(IndexedReader(path))
+    total = len(open_split(directory)[0])
     n = min(total, cfg.eval.batches * cfg.train.micro_batch_size)
     return (f"validation: every {cfg.eval.every} steps on the first {n} of the held-out split's {total} sequences "
             f"(eval.batches = {cfg.eval.batches} x train.micro_batch_size); python -m trainer.evaluate "
@@ -142,7 +142,8 @@ def maybe_validate(run) -> dict:
         log.warning("step %d: no validation: data.valid_fraction = 0 (no held-out split); set it > 0 to validate",
                     run.step)
         return {}
-    if not os.path.isfile(os.path.join(run.stream.dirs[0], "valid.idx")):
+    from data.stream import has_split
+    if not has_split(run.stream.dirs[0], "valid"):
         log.warning("step %d: no validation: data.valid_fraction = %s of this corpus rounds to 0 sequences; "
                     "raise it", run.step, cfg.data.valid_fraction)
         return {}

@@ -26,6 +26,7 @@ class DedupConfig:
     threshold: float = _doc(0.4, "Verification: a band collision merges two documents only if their estimated Jaccard (fraction of equal signature bins) is at least this; 0 trusts every collision (datatrove's behaviour).")
     seed: int = _doc(0, "Seed of the shingle, bin and band hash functions (an index only accepts batches signed with its own seed).")
     batch_docs: int = _doc(20000, "Documents signed and deduplicated per vectorised batch (one index shard per batch).")
+    buckets: int = _doc(0, "Hash buckets of the candidate-pair stage (one task each; a bucket task's memory is about 12 bytes x documents x bands / buckets); 0 = one per input shard. Does not change which documents are dropped.")
     index_dir: str = _doc("", "Folder for the persistent index (signatures, band keys and exact hashes per shard); empty keeps it in memory.")
 
     def __post_init__(self):
@@ -36,6 +37,7 @@ class DedupConfig:
                  "must be <= 4096 signature bins; lower bands or rows")
         _require(0.0 <= self.threshold <= 1.0, "threshold", self.threshold, "must be in [0, 1]")
         _require(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
+        _require(self.buckets >= 0, "buckets", self.buckets, "must be >= 0 (0 = one per input shard)")
         _require(self.batch_docs >= 1, "batch_docs", self.batch_docs, "must be >= 1")
 
     @property

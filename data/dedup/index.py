@@ -20,9 +20,11 @@ Legend: N documents in the batch, M rows in a shard, K signature bins, B bands.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +86,11 @@ class DedupIndex:
         meta_path = os.path.join(path, "index.json")
         if not os.path.exists(meta_path):
             os.makedirs(path, exist_ok=True)
-            self._write_meta([])
-            return
+            with open(os.path.join(path, ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not os.path.exists(meta_path):
+                    self._write_meta([])
+                fcntl.flock(lock, fcntl.LOCK_UN)
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("format") != _FORMAT:
@@ -101,25 +106,37 @@ class DedupIndex:
 
     def _write_meta(self, names: list[str]) -> None:
         self._names = list(names)
-        tmp = os.path.join(self.path, "index.json.tmp")
+        tmp = os.path.join(self.path, f"index.json.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump({"format": _FORMAT, "params": self._params(), "shards": names}, f, indent=1)
         os.replace(tmp, os.path.join(self.path, "index.json"))
 
+    def _names_on_disk(self) -> list[str]:
+        with open(os.path.join(self.path, "index.json")) as f:
+            return list(json.load(f)["shards"])
+
     def _store(self, shard: dict[str, np.ndarray], replace: bool = False) -> None:
-        """Append a shard (or, with `replace`, make it the only one) and persist it."""
+        """Append a shard (or, with `replace`, make it the only one) and persist it.
+
+        Safe when several processes share the index dir: the shard is written to a temporary
+        folder of this process, and its name is chosen and index.json rewritten under a file
+        lock from the names on disk (another process may have added shards meanwhile).
+        """
         if not self.path:
             self.shards = [shard] if replace else self.shards + [shard]
             return
-        name = f"shard-{1 + max((int(n.split('-')[1]) for n in self._names), default=-1):06d}"
-        tmp = os.path.join(self.path, name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = os.path.join(self.path, f"incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(tmp)
         for a in _ARRAYS:
             np.save(os.path.join(tmp, f"{a}.npy"), shard[a])
-        os.replace(tmp, os.path.join(self.path, name))
-        old_names = self._names
-        self._write_meta([name] if replace else self._names + [name])
+        with open(os.path.join(self.path, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = self._names_on_disk()
+            name = f"shard-{1 + max((int(n.split('-')[1]) for n in on_disk + self._names), default=-1):06d}"
+            os.replace(tmp, os.path.join(self.path, name))
+            old_names = self._names
+            self._write_meta([name] if replace else on_disk + [name])
+            fcntl.flock(lock, fcntl.LOCK_UN)
         if replace:
             self.shards = []
             for old in old_names:

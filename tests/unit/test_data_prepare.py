@@ -72,6 +72,18 @@ def test_bad_input_counted_and_fatal_past_fraction(tmp_path):
                 DedupConfig(), quiet=True)
 
 
+def _prepared_bytes(out: str) -> dict:
+    """Every prepared file's bytes except the timing-bearing report, markers and plan."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for f in names:
+            if f.endswith((".bin", ".idx", ".npy", ".json")) and not f.endswith(".done.json") \
+                    and f not in ("report.json", "_COMPLETE.json", "plan.json"):
+                path = os.path.join(root, f)
+                files[os.path.relpath(path, out)] = open(path, "rb").read()
+    return files
+
+
 def test_output_identical_for_any_worker_count(tmp_path):
     folder = tmp_path / "txt"
     folder.mkdir()
@@ -80,17 +92,16 @@ def test_output_identical_for_any_worker_count(tmp_path):
     outs = []
     for workers in (1, 2):
         cfg = DataConfig(dumps=[str(folder)], output_dir=str(tmp_path / f"w{workers}"), seq_len=128,
-                         tokenizer="bpe:500", workers=workers, valid_fraction=0.2)
+                         tokenizer="bpe:500", workers=workers, valid_fraction=0.2, shard_mb=0.1)
         prepare(cfg, DedupConfig(), quiet=True)
-        outs.append({f: open(os.path.join(cfg.output_dir, f), "rb").read()
-                     for f in sorted(os.listdir(cfg.output_dir)) if f.endswith((".bin", ".idx", ".npy", ".json"))
-                     and f not in ("report.json", "_COMPLETE.json")})
+        outs.append(_prepared_bytes(cfg.output_dir))
+    assert len([f for f in outs[0] if f.endswith("train.bin")]) > 1  # several shards
     assert outs[0].keys() == outs[1].keys() and outs[0] == outs[1]
 
 
 def test_idx_format_and_megatron_reader(tiny_data):
     out, cfg = tiny_data
-    prefix = os.path.join(out, "train")
+    prefix = os.path.join(out, json.load(open(os.path.join(out, "meta.json")))["shards"]["train"][0][0])
     raw = open(prefix + ".idx", "rb").read()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, dtype_code, n_seq, n_doc = struct.unpack("<QBQQ", raw[9:34])
@@ -109,10 +120,10 @@ def test_idx_format_and_megatron_reader(tiny_data):
 
 def test_ensure_prepared_reuses_and_detects_changes(tiny_data):
     out, cfg = tiny_data
-    stamp = os.path.getmtime(os.path.join(out, "train.bin"))
+    stamp = os.path.getmtime(os.path.join(out, "meta.json"))
     same = DataConfig(**{**cfg.__dict__, "workers": 2, "seed": 99})  # no effect on the bytes
     assert ensure_prepared(same, DedupConfig(), quiet=True) == out
-    assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
+    assert os.path.getmtime(os.path.join(out, "meta.json")) == stamp
     assert os.path.isfile(os.path.join(out, MARKER))
     other = prepared_dir(DataConfig(**{**cfg.__dict__, "seq_len": 128}), DedupConfig())
     assert other != out and not os.path.exists(os.path.join(other, MARKER))  # a changed config is not prepared
@@ -142,7 +153,8 @@ def test_prepare_skips_unchanged_inputs_and_reruns_on_an_edit(tmp_path, capsys):
     rc, first = _prepare_cli(tmp_path, corpus, capsys)
     assert rc == 0 and "wrote" in first.out
     out_dir = first.out.split("wrote ")[1].split(" ")[0]
-    before = open(os.path.join(out_dir, "train.bin"), "rb").read()
+    shard_bin = os.path.join(out_dir, "work", "tokenize", "000000", "train.bin")
+    before = open(shard_bin, "rb").read()
     assert os.path.basename(os.path.dirname(out_dir)) == "my_corpus"  # named after the data
     rc, again = _prepare_cli(tmp_path, corpus, capsys)
     assert rc == 0 and "up to date" in again.out and "wrote" not in again.out
@@ -153,7 +165,7 @@ def test_prepare_skips_unchanged_inputs_and_reruns_on_an_edit(tmp_path, capsys):
     assert rc == 0 and "input changed" in edited.err and "wrote" in edited.out
     rep = json.load(open(os.path.join(out_dir, "report.json")))
     assert rep["dumps"][0]["kept"] == 6
-    assert open(os.path.join(out_dir, "train.bin"), "rb").read() != before  # not the old tokens
+    assert open(shard_bin, "rb").read() != before  # not the old tokens
     assert "up to date" in _prepare_cli(tmp_path, corpus, capsys)[1].out
 
 
