@@ -14,8 +14,8 @@ How the comparison works:
   step 50. So: steps 1-10 must agree to EARLY_RTOL (about 80x the largest drift seen), and later
   steps as means over 10-step windows to WINDOW_RTOL (4-10x the largest drift seen). An intended
   numerics change fails both: model.norm_eps 1e-6 -> 1e-5 moves step 1's lm loss by 4e-5 and its
-  gradient norm by 1e-1, and the windowed losses by 7e-3 (tests/unit/test_golden_compare.py holds
-  both recorded runs).
+  gradient norm by 1e-1, and the windowed losses by 7e-3 (tests/golden/drift_cases.json holds the
+  three recorded runs, tests/unit/test_golden_compare.py checks them).
 The run pins one intra-op thread (OMP_NUM_THREADS=1) whatever the suite's own thread count, so the
 comparison does not depend on how pytest was started.
 """
