@@ -72,7 +72,8 @@ class ScheduleConfig:
                            "{until_tokens: N, value: v} or {until_tokens: N, from: a, to: b, shape: linear|cosine} "
                            "(N takes K/M/B/T suffixes). Fields: optim.lr (replaces kind/min_lr; warmup_steps "
                            "still applies), train.global_batch (sequences per step), moe.bias_update_speed, "
-                           "mtp.loss_weight, moe.seq_aux_loss_alpha. A phased field's own value is not used.")
+                           "mtp.loss_weight, moe.seq_aux_loss_alpha. A phased field's own value is not used. A config "
+                           "inheriting this one (base:) replaces the whole mapping ({} clears it).")
 
     def __post_init__(self):
         require(self.kind in ("cosine", "wsd"), "kind", self.kind, "must be 'cosine' or 'wsd'")
@@ -334,10 +335,13 @@ def config_from_dict(raw: dict) -> Config:
     return Config(**parts).validate()
 
 
+REPLACED_WHOLE = ("phases",)  # mapping fields a child config replaces instead of merging into
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_WHOLE:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

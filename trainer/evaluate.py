@@ -123,10 +123,12 @@ def validate(run) -> dict:
     return out
 
 
-def maybe_validate(run) -> dict:
-    """Validation metrics when this step is due (every eval.every steps and the last), else {}."""
+def maybe_validate(run, total_steps: int | None = None) -> dict:
+    """Validation metrics when this step is due (every eval.every steps and the last of
+    `total_steps`, default train.steps), else {}."""
     cfg = run.cfg
-    due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps)
+    last = cfg.train.steps if total_steps is None else total_steps
+    due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == last)
     if not due:
         return {}
     if cfg.data.valid_fraction == 0:

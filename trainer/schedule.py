@@ -134,24 +134,32 @@ def _model_value(cfg: Config, name: str, tokens: int) -> float:
     return float(getattr(getattr(cfg, section), key))
 
 
-def run_steps(cfg: Config, lay: Layout, tokens: int = 0, step: int = 0) -> int:
-    """Steps of the whole run: train.steps, or fewer when train.tokens is reached first (the step
-    that reaches it is the last). Jumps over stretches where the global batch is constant."""
+def segments(cfg: Config, lay: Layout, tokens: int = 0, step: int = 0):
+    """(micro-batches per dp rank, steps) of the rest of the run, in order, from `step` after
+    `tokens`: until train.steps, or the step that reaches train.tokens if sooner. Stretches where
+    the global batch is constant come as one segment (a 14.8T-token run is a few thousand)."""
     limit = cfg.train.steps or math.inf
     if not cfg.train.tokens:
-        return int(limit)
-    seq, phases = cfg.data.seq_len, batch_phases(cfg)
+        if limit > step:
+            yield cfg.train.grad_accum if batch_phases(cfg) is None else grad_accum_at(cfg, tokens, lay), limit - step
+        return
+    phases = batch_phases(cfg)
     while step < limit and tokens < cfg.train.tokens:
-        per_step = grad_accum_at(cfg, tokens, lay) * lay.dp * lay.micro_batch_size * seq
+        n = grad_accum_at(cfg, tokens, lay)
+        per_step = n * lay.dp * lay.micro_batch_size * cfg.data.seq_len
         steady = math.inf if phases is None else constant_until(phases, tokens)
-        if steady > tokens:   # the batch holds until `steady`: take whole steps at once
-            target = min(steady, cfg.train.tokens)
-            k = max(1, math.ceil((target - tokens) / per_step))
-        else:
-            k = 1
+        k = max(1, math.ceil((min(steady, cfg.train.tokens) - tokens) / per_step)) if steady > tokens else 1
         k = int(min(k, limit - step))
+        yield n, k
         step, tokens = step + k, tokens + k * per_step
-    return int(step)
+
+
+def run_steps(cfg: Config, lay: Layout, tokens: int = 0, step: int = 0) -> int:
+    """The index after the run's last step: train.steps, or fewer when train.tokens comes first
+    (the step that reaches it is the last)."""
+    if not cfg.train.tokens:
+        return cfg.train.steps
+    return step + sum(k for _, k in segments(cfg, lay, tokens, step))
 
 
 def trajectory(cfg: Config, lay: Layout, steps: int):

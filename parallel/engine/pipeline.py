@@ -42,7 +42,7 @@ from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, chunk_steps, reduce_shared_grads
-from parallel.pipeline.schedules import Schedule, build_schedule
+from parallel.pipeline.schedules import Schedule, build_schedule, smallest_micro
 from parallel.steps import in_context
 from parallel.topology import Topology
 
@@ -118,13 +118,27 @@ def held_lower(model: nn.Module, topology: Topology) -> set[str]:
 
 
 class PipelineEngine(ZeroEngine):
-    """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks."""
+    """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks.
+
+    A step may bring another number of micro-batches than the last (a batch-size ramp): the
+    engine then runs the same chunks under the schedule for that count, one runtime per count
+    (`make_runtime(n)`), kept so that each keeps its message-shape caches in step on all ranks."""
 
     def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
                  make_context: ForwardContext, dispatcher: AllToAllDispatcher | None, runtime: PipelineRuntime,
-                 batches: list[Batch], num_experts: int):
+                 batches: list[Batch], num_experts: int, make_runtime=None):
         super().__init__(model, zero, topology, device, make_context, dispatcher)
         self.runtime, self.batches, self.num_experts = runtime, batches, num_experts
+        self._runtimes = {runtime.schedule.num_micro: runtime}
+        self._make_runtime = make_runtime
+
+    def use_micro_batches(self, n: int) -> None:
+        """Run the next steps with `n` micro-batches (same on every rank of the pipeline)."""
+        if n not in self._runtimes:
+            if self._make_runtime is None:
+                raise ValueError(f"this pipeline runs {self.runtime.schedule.num_micro} micro-batches per step, not {n}")
+            self._runtimes[n] = self._make_runtime(n)
+        self.runtime = self._runtimes[n]
 
     def eval_forward(self, batch: Batch):
         """The head stage's output on its rank, None on the others (every pp rank calls it)."""
@@ -135,6 +149,7 @@ class PipelineEngine(ZeroEngine):
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         topo = self.topology
+        self.use_micro_batches(len(batches))
         self.batches[:] = batches  # the chunks' inputs
         self.runtime.run()
         reduce_shared_grads([self.model], topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))
@@ -162,9 +177,13 @@ class PipelineEngine(ZeroEngine):
         return StepMetrics(loss=loss, lm_loss=lm, mtp_loss=mtp, balance_loss=balance, expert_counts=counts)
 
 
-def pipeline_schedule(cfg, topology: Topology) -> Schedule:
-    """The configured schedule; ValueError naming the fields when it cannot run here."""
-    name, n = cfg.parallel.schedule, cfg.train.grad_accum
+def pipeline_schedule(cfg, topology: Topology, n: int | None = None) -> Schedule:
+    """The configured schedule for `n` micro-batches (default: train.grad_accum, or the schedule's
+    smallest count when train.global_batch decides it); ValueError naming the fields when it cannot run here."""
+    name = cfg.parallel.schedule
+    if n is None:
+        batch_set = cfg.train.global_batch or "train.global_batch" in cfg.schedule.phases
+        n = max(cfg.train.grad_accum, smallest_micro(name, topology.pp)) if batch_set else cfg.train.grad_accum
     try:
         schedule = build_schedule(name, topology.pp, n)
     except ValueError as e:
@@ -208,8 +227,12 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
                       else AllToAllDispatcher(cfg.moe.num_experts, topology, node_limited))
     apply_stage_policies(model, cfg, device, split_w=has_w and provider is None)
     zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology))
-    runtime = PipelineRuntime(schedule, topology.pp_rank, [TrainChunk(c, make_context) for c in chunks],
-                              group_ranks=topology.ranks("pp"), group=topology.group("pp"), device=device,
-                              pair=OverlapPairExecutor() if overlap else PairExecutor())
-    return PipelineEngine(model, zero, topology, device, make_context, dispatcher, runtime, batches,
-                          cfg.moe.num_experts)
+    train_chunks = [TrainChunk(c, make_context) for c in chunks]
+
+    def make_runtime(n: int) -> PipelineRuntime:
+        return PipelineRuntime(schedule if n == schedule.num_micro else pipeline_schedule(cfg, topology, n),
+                               topology.pp_rank, train_chunks, group_ranks=topology.ranks("pp"),
+                               group=topology.group("pp"), device=device,
+                               pair=OverlapPairExecutor() if overlap else PairExecutor())
+    return PipelineEngine(model, zero, topology, device, make_context, dispatcher, make_runtime(schedule.num_micro),
+                          batches, cfg.moe.num_experts, make_runtime)

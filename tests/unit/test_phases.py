@@ -141,3 +141,15 @@ def test_run_steps_counts_what_stepping_reaches():
     tokens = [v.tokens for v in trajectory(cfg, lay, n + 1)]
     assert tokens[n - 1] < 600_000 <= tokens[n]   # the last step is the one that reaches train.tokens
     assert run_steps(load_config(None, ["train.steps=7", "train.tokens=1T"]), lay) == 7  # whichever comes first
+
+
+def test_the_671b_config_states_the_reports_run():
+    cfg = load_config("configs/deepseek_v3_671b.yaml")
+    assert cfg.train.tokens == 14_800 * B and cfg.train.steps == 0 and cfg.schedule.warmup_steps == 2000
+    for field, tokens, expected in TABLE:
+        assert value_at(cfg.schedule.pieces(field), tokens) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert cfg.moe.seq_aux_loss_alpha == 1e-4 and cfg.optim.grad_clip == 1.0 and cfg.data.seq_len == 4096
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
+    # the long-context stages that inherit it drop its phases and token budget
+    s32 = load_config("configs/deepseek_v3_671b_32k.yaml")
+    assert s32.schedule.phased == {} and s32.train.tokens == 0 and s32.train.steps == 1000
