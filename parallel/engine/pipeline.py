@@ -19,7 +19,7 @@ Everything after the step's forward and backward is the ZeRO engine's (`parallel
 Validation runs each micro-batch forward-only through the stages in order
 (`parallel.pipeline.forward_only`); the losses come out on the rank of the head stage.
 
-Legend: N micro-batches per step (= train.grad_accum), E routed experts.
+Legend: N micro-batches per step (train.grad_accum, or what the global batch schedule gives the step), E routed experts.
 """
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ class PipelineEngine(ZeroEngine):
         """Run the next steps with `n` micro-batches (same on every rank of the pipeline)."""
         if n not in self._runtimes:
             if self._make_runtime is None:
-                raise ValueError(f"this pipeline runs {self.runtime.schedule.num_micro} micro-batches per step, not {n}")
+                raise ValueError(f"this pipeline runs {self.runtime.schedule.num_micro} micro-batches per step, "
+                                 f"not {n}")
             self._runtimes[n] = self._make_runtime(n)
         self.runtime = self._runtimes[n]
 

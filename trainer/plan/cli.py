@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         return 2
     print(report(ranked, failed, untimed, cl, args.top))
     if cfg.train.tokens and ranked:
-        print(f"\nthe whole run ({format_tokens(cfg.train.tokens)} tokens, the config's batch schedule on each layout):")
+        print(f"\nthe whole run ({format_tokens(cfg.train.tokens)} tokens, the config's batch schedule "
+              "on each layout):")
         for i, e in enumerate(ranked[:args.run_layouts], 1):
             c = e.cand
             print(f"{i:>3} pp {c.pp} dp {c.dp} ep {c.ep} {c.schedule if c.pp > 1 else ''}: "
