@@ -44,6 +44,7 @@ class MoE(nn.Module):
     def __init__(self, provider, dispatcher, hidden: int, moe, *, layer: int, moe_index: int):
         super().__init__()
         self.moe, self.layer, self.moe_index = moe, layer, moe_index
+        self.seq_aux_loss_alpha = moe.seq_aux_loss_alpha  # scheduled: DeepSeekV3.set_loss_weights
         self.router = Router(provider, hidden, moe, layer=layer)
         n_local = getattr(dispatcher, "num_local_experts", moe.num_experts)
         self.experts = provider.grouped_experts(n_local, hidden, moe.expert_ffn_size, layer=layer)
@@ -97,6 +98,6 @@ class MoE(nn.Module):
         B, L, _ = r.shape
         valid_T = ctx.valid.reshape(-1)
         ctx.expert_counts[self.moe_index] += expert_counts(r.ids_TK.detach(), self.moe.num_experts, valid_T)
-        if self.moe.seq_aux_loss_alpha > 0:
+        if self.seq_aux_loss_alpha > 0:
             ctx.balance_losses.append(seq_balance_loss(
-                r.scores_TE.view(B, L, -1), r.ids_TK.view(B, L, -1), ctx.valid, self.moe.seq_aux_loss_alpha))
+                r.scores_TE.view(B, L, -1), r.ids_TK.view(B, L, -1), ctx.valid, self.seq_aux_loss_alpha))

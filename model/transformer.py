@@ -103,7 +103,7 @@ class StageForward(nn.Module):
                                                   denominator=None if counts is None else counts[1 + k]))
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else lm.new_zeros(())
         balance = ctx.balance_loss()
-        loss = lm + self.cfg.mtp.loss_weight * mtp + balance
+        loss = lm + self.mtp_loss_weight * mtp + balance
         return ModelOutput(loss=loss, lm_loss=lm.detach(), mtp_loss=mtp.detach(),
                            balance_loss=balance.detach(), expert_counts=ctx.expert_counts.detach())
 
@@ -116,6 +116,8 @@ class DeepSeekV3(StageForward):
         super().__init__()
         m = cfg.model
         self.cfg = cfg
+        # scheduled during training (set_loss_weights, update_router_bias); the config gives the start
+        self.mtp_loss_weight = cfg.mtp.loss_weight
         self.owned = sorted(range(m.num_layers) if layers is None else {int(i) for i in layers})
         if self.owned and not (0 <= self.owned[0] and self.owned[-1] < m.num_layers):
             raise ValueError(f"layers {self.owned}: indices must be in [0, model.num_layers = {m.num_layers})")
@@ -150,13 +152,21 @@ class DeepSeekV3(StageForward):
         head and MTP modules if `head`; its parameters are this model's, under the same names."""
         return ModelStage(self, layers, embed, head)
 
+    def set_loss_weights(self, mtp_loss_weight: float, seq_aux_loss_alpha: float) -> None:
+        """The MTP weight lambda and the sequence-wise balance weight alpha of the next forwards
+        (a schedule may change them during training; DeepSeek-V3 section 4.2)."""
+        self.mtp_loss_weight = mtp_loss_weight
+        for mod in self.moe_modules():
+            mod.seq_aux_loss_alpha = seq_aux_loss_alpha
+
     @torch.no_grad()
-    def update_router_bias(self, counts: Tensor) -> None:
-        """Aux-loss-free balancing step from counts [n_moe_layers, E] summed over all ranks."""
+    def update_router_bias(self, counts: Tensor, gamma: float | None = None) -> None:
+        """Aux-loss-free balancing step from counts [n_moe_layers, E] summed over all ranks, at
+        bias update speed `gamma` (default moe.bias_update_speed)."""
         expected = (self.n_moe_layers, self.cfg.moe.num_experts)
         if tuple(counts.shape) != expected:
             raise ValueError(f"update_router_bias: counts shape {tuple(counts.shape)}, expected {expected}")
-        gamma = self.cfg.moe.bias_update_speed
+        gamma = self.cfg.moe.bias_update_speed if gamma is None else gamma
         if gamma == 0:
             return
         for mod in self.moe_modules():
@@ -185,6 +195,10 @@ class ModelStage(StageForward):
 
     def make_context(self, batch) -> Context:
         return self._model[0].make_context(batch)
+
+    @property
+    def mtp_loss_weight(self) -> float:
+        return self._model[0].mtp_loss_weight
 
 
 def build_model(cfg, provider=None, dispatcher=None, layers=None, embed: bool = True,

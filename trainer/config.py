@@ -28,6 +28,7 @@ from parallel.profiling import ProfileConfig
 from parallel.fp8.config import FP8Config
 from model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, doc, require
 from parallel.pipeline.layout import num_stages, resolve_layout
+from trainer.phases import parse_phases, parse_tokens
 
 
 class ConfigError(ValueError):
@@ -57,28 +58,63 @@ class OptimConfig:
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
 
 
+# What `schedule.phases` may schedule, with the smallest value each allows.
+SCHEDULABLE = {"optim.lr": 0.0, "train.global_batch": 1.0, "moe.bias_update_speed": 0.0, "mtp.loss_weight": 0.0,
+               "moe.seq_aux_loss_alpha": 0.0}
+
+
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    """Learning-rate schedule."""
+    """Learning-rate schedule in steps, and token-based phases of any scheduled quantity (trainer.phases)."""
 
     kind: str = doc("cosine", "cosine (warmup then cosine to min_lr) or wsd (DeepSeek-V3: warmup, constant, cosine decay).")
-    warmup_steps: int = doc(20, "Linear warmup steps from 0 to lr.")
+    warmup_steps: int = doc(20, "Linear warmup steps from 0 to lr (with phases of optim.lr: to the phased lr).")
     constant_steps: int = doc(0, "wsd only: steps held at lr after warmup before the decay starts.")
-    decay_steps: int = doc(0, "Steps of cosine decay to min_lr after warmup (+constant); 0 = until train.steps.")
+    decay_steps: int = doc(0, "Steps of cosine decay to min_lr after warmup (+constant); 0 = until the last step.")
+    phases: dict = doc({}, "Token-based phases: field -> list of pieces in token order, each "
+                           "{until_tokens: N, value: v} or {until_tokens: N, from: a, to: b, shape: linear|cosine} "
+                           "(N takes K/M/B/T suffixes). Fields: optim.lr (replaces kind/min_lr; warmup_steps "
+                           "still applies), train.global_batch (sequences per step), moe.bias_update_speed, "
+                           "mtp.loss_weight, moe.seq_aux_loss_alpha. A phased field's own value is not used. A config "
+                           "inheriting this one (base:) replaces the whole mapping ({} clears it).")
 
     def __post_init__(self):
         require(self.kind in ("cosine", "wsd"), "kind", self.kind, "must be 'cosine' or 'wsd'")
         for name in ("warmup_steps", "constant_steps", "decay_steps"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        self._pieces = {}
+        for key, raw in self.phases.items():
+            require(key in SCHEDULABLE, "phases", key, f"not a schedulable field; use one of {', '.join(SCHEDULABLE)}")
+            self._pieces[key] = parse_phases(raw, f"phases[{key!r}]", SCHEDULABLE[key])
+        if "optim.lr" in self._pieces:
+            for name in ("constant_steps", "decay_steps"):
+                require(getattr(self, name) == 0, name, getattr(self, name),
+                        "the step schedule's decay does not apply when phases set optim.lr; remove it "
+                        "(warmup_steps still applies)")
+
+    @property
+    def phased(self) -> dict:
+        """field -> parsed phase list, for every phased field."""
+        return dict(self._pieces)
+
+    def pieces(self, field: str):
+        """The parsed phase list of `field` (a key of SCHEDULABLE), or None when it is not phased."""
+        return self._pieces.get(field)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """The training run."""
 
-    steps: int = doc(200, "Optimizer steps to run.")
+    steps: int = doc(200, "Optimizer steps to run; 0 = no step limit (train.tokens ends the run).")
+    tokens: int | str = doc(0, "Tokens to train on (sequences x data.seq_len; K/M/B/T suffixes, e.g. 14.8T); the "
+                               "run ends at the first step that reaches them, or at train.steps if sooner; 0 = no limit.")
     micro_batch_size: int = doc(8, "Sequences per micro-batch per data-parallel rank.")
-    grad_accum: int = doc(1, "Micro-batches per optimizer step (also the pipeline's micro-batch count).")
+    grad_accum: int = doc(1, "Micro-batches per optimizer step (also the pipeline's micro-batch count); with "
+                             "train.global_batch set it follows from that.")
+    global_batch: int = doc(0, "Sequences per optimizer step over all dp ranks; 0 = dp x micro_batch_size x grad_accum. "
+                               "Rounded down to a multiple of dp x micro_batch_size (at least the schedule's minimum "
+                               "micro-batches); schedule.phases may ramp it.")
     seed: int = doc(0, "Seed of parameter init and everything random in the run.")
     device: str = doc("auto", "auto (cuda if available, else cpu), cpu or cuda.")
     dtype: str = doc("auto", "Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
@@ -91,8 +127,16 @@ class TrainConfig:
                                  "SwiGLU activation; DeepSeek-V3 section 3.2.3) or full (whole blocks).")
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "grad_accum"):
+        for name in ("micro_batch_size", "grad_accum"):
             require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        require(self.steps >= 0, "steps", self.steps, "must be >= 0 (0 = no step limit, then set train.tokens)")
+        require(self.global_batch >= 0, "global_batch", self.global_batch, "must be >= 0 (0 = from grad_accum)")
+        if self.tokens not in (0, "0"):
+            self.tokens = parse_tokens(self.tokens, "tokens")
+        else:
+            self.tokens = 0
+        require(self.steps > 0 or self.tokens > 0, "steps", self.steps,
+                "and train.tokens are both 0; set train.steps or train.tokens (e.g. 14.8T) to end the run")
         require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
         require(self.dtype in ("auto", "fp32", "bf16"), "dtype", self.dtype, "must be auto, fp32 or bf16")
         require(self.on_nan in ("halt", "skip"), "on_nan", self.on_nan, "must be 'halt' or 'skip'")
@@ -186,12 +230,17 @@ class Config:
                               f"{a.yarn['original_max_position_embeddings']}: must be <= model.max_seq_len "
                               f"({m.max_seq_len}); set it to the pre-extension context and model.max_seq_len "
                               "to the extended one")
-        if self.parallel.pp > 1 and self.parallel.schedule in ("dualpipe", "dualpipev") \
+        batch_set = self.train.global_batch > 0 or self.schedule.pieces("train.global_batch") is not None
+        if batch_set and self.train.grad_accum != 1:
+            raise ConfigError(f"train.grad_accum = {self.train.grad_accum}: with train.global_batch (or its phases) "
+                              "set, the micro-batches per step follow from it (global_batch / (dp x "
+                              "micro_batch_size)); leave train.grad_accum at 1")
+        if not batch_set and self.parallel.pp > 1 and self.parallel.schedule in ("dualpipe", "dualpipev") \
                 and self.train.grad_accum < 2 * self.parallel.pp:
             raise ConfigError(f"train.grad_accum = {self.train.grad_accum}: {self.parallel.schedule} needs at "
                               f"least 2 * parallel.pp ({2 * self.parallel.pp}) micro-batches")
         if self.parallel.schedule == "dualpipe" and self.parallel.pp > 1 and \
-                (self.parallel.pp % 2 or self.train.grad_accum % 2):
+                (self.parallel.pp % 2 or (self.train.grad_accum % 2 and not batch_set)):
             raise ConfigError(f"parallel.schedule = 'dualpipe': needs an even parallel.pp ({self.parallel.pp}) "
                               f"and an even train.grad_accum ({self.train.grad_accum})")
         if self.parallel.layout:
@@ -298,10 +347,13 @@ def config_from_dict(raw: dict) -> Config:
     return Config(**parts).validate()
 
 
+REPLACED_WHOLE = ("phases",)  # mapping fields a child config replaces instead of merging into
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_WHOLE:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

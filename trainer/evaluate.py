@@ -132,10 +132,12 @@ def describe_validation(cfg, directory: str) -> str | None:
             "reports the whole split")
 
 
-def maybe_validate(run) -> dict:
-    """Validation metrics when this step is due (every eval.every steps and the last), else {}."""
+def maybe_validate(run, total_steps: int | None = None) -> dict:
+    """Validation metrics when this step is due (every eval.every steps and the last of
+    `total_steps`, default train.steps), else {}."""
     cfg = run.cfg
-    due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps)
+    last = cfg.train.steps if total_steps is None else total_steps
+    due = cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == last)
     if not due:
         return {}
     if cfg.data.valid_fraction == 0:

@@ -10,7 +10,8 @@ ablations use it), averaged over MoE layers; at logged steps the record also car
 `trainer.plot`).
 
 Time: every console line shows the elapsed wall time, the ETA (this process's mean seconds per
-step times the steps left), tokens/s averaged over the steps since the previous line (single
+token times the tokens left when train.tokens is set, as a batch-size ramp makes later steps
+bigger; else its mean seconds per step times the steps left), tokens/s averaged over the steps since the previous line (single
 steps swing with load), and peak memory (the CUDA allocator's peak, or the process's peak RSS
 on CPU). `summary` closes the run: steps, time, mean throughput, best validation loss and where
 the checkpoints, metrics and plots are.
@@ -24,6 +25,8 @@ import resource
 import time
 
 import torch
+
+from trainer.phases import format_tokens
 
 log = logging.getLogger("moepipe")
 
@@ -146,7 +149,8 @@ class MetricsWriter:
         self._win_tokens += tokens
         self._win_seconds += m.get("step_time", 0.0)
         elapsed = time.perf_counter() - self._t0
-        m.update(elapsed_s=elapsed, eta_s=elapsed / self._steps * max(total - step, 0), peak_mem_MB=peak_memory_mb())
+        m.update(elapsed_s=elapsed, eta_s=eta_seconds(elapsed, self._steps, self._tokens, step, total, m),
+                 peak_mem_MB=peak_memory_mb())
         if isinstance(m.get("val_loss"), float) and (self.best_val is None or m["val_loss"] < self.best_val[0]):
             self.best_val = (m["val_loss"], step)
         if printed:
@@ -187,6 +191,15 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def eta_seconds(elapsed: float, steps: int, tokens: float, step: int, total: int, m: dict) -> float:
+    """Time left: by tokens when the run ends at train.tokens (`tokens_total` in m), else by steps."""
+    if step >= total:
+        return 0.0
+    if m.get("tokens_total") and tokens:
+        return elapsed / tokens * max(m["tokens_total"] - m.get("tokens", 0), 0)
+    return elapsed / steps * (total - step)
+
+
 def format_line(step: int, total: int, m: dict) -> str:
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
     tps = m.get("tokens_per_s_window", m["tokens_per_s"])
@@ -196,6 +209,10 @@ def format_line(step: int, total: int, m: dict) -> str:
     line = (f"step {step:>6}/{total} | loss {m['loss']:.4f} | lm {m['lm_loss']:.4f} | mtp {m['mtp_loss']:.4f} "
             f"| bal {m['balance_loss']:.2e} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} "
             f"| tok/s {tps:,.0f} | TFLOP/s {tflops:.3f} | MFU {mfu} | maxvio {m['maxvio']:.3f}")
+    if "tokens" in m:
+        line += f" | tokens {format_tokens(m['tokens'])} | batch {m['global_batch']} ({m['grad_accum']} mb)"
+        if m.get("phase"):
+            line += f" | phase {m['phase']}"
     if "val_loss" in m:
         line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f}"
         if m.get("val_mtp_loss") is not None:

@@ -11,6 +11,10 @@ From RUN_DIR/metrics.jsonl (one record per step, resumed steps de-duplicated) in
   ranks.png        multi-rank runs: every rank's seconds per step in compute, collective wait and
                    data at the logged steps (a straggler is the line on top of compute and at
                    the bottom of collective wait)
+  schedule.png     runs that log tokens seen: each scheduled quantity (lr, global batch, bias
+                   update speed, MTP weight, balance-loss weight) and the loss against tokens,
+                   with the phase boundaries (where a step's phase differs from the last one's,
+                   trainer.schedule) marked and named on every panel
 Every PNG also carries the series it draws as JSON in its `moepipe:series` text chunk, so a test
 (or a reader) can check a picture against the data. For a sweep's output directory (run
 directories below it) it prints the sweep's results table and writes plots/loss_overlay.png,
@@ -139,6 +143,66 @@ def rank_times(records: list[dict], path: str) -> str | None:
     return _save(fig, path, data)
 
 
+SCHEDULED = (("lr", "learning rate"), ("global_batch", "global batch (sequences)"),
+             ("bias_update_speed", "bias update speed gamma"), ("mtp_loss_weight", "MTP weight lambda"),
+             ("seq_aux_loss_alpha", "balance weight alpha"), ("loss", "loss"))
+
+
+def phase_boundaries(records: list[dict]) -> list[tuple[float, str]]:
+    """(tokens, what changed) where a step's phase differs from the previous step's; the tokens
+    are those seen before the step, where the new values take over."""
+    out = []
+    for prev, rec in zip(records, records[1:]):
+        if rec.get("phase") != prev.get("phase") and rec["step"] == prev["step"] + 1:
+            old = _phase_parts(prev.get("phase"))
+            parts = [p for p in _phase_parts(rec.get("phase")) if p not in old]
+            out.append((float(prev["tokens"]), ", ".join(parts) or "warmup ends"))
+    return out
+
+
+def _phase_parts(phase) -> list[str]:
+    """'warmup lr 1/4 batch 2/2' -> ['warmup', 'lr 1/4', 'batch 2/2']."""
+    words, parts = str(phase or "").split(), []
+    while words:
+        take = 1 if words[0] == "warmup" else 2
+        parts.append(" ".join(words[:take]))
+        words = words[take:]
+    return parts
+
+
+def schedule_plot(records: list[dict], path: str) -> str | None:
+    """Every scheduled quantity against the tokens seen before its step, phase boundaries marked."""
+    recs = [r for r in records if isinstance(r.get("tokens"), (int, float))]
+    if not recs:
+        return None
+    plt = _pyplot()
+    x = []
+    for i, r in enumerate(recs):
+        prev = recs[i - 1] if i and recs[i - 1]["step"] == r["step"] - 1 else None
+        x.append(float(prev["tokens"]) if prev else 0.0 if r["step"] == 1 else float(r["tokens"]))
+    bounds = phase_boundaries(recs)
+    keys = [(k, t) for k, t in SCHEDULED if any(isinstance(r.get(k), (int, float)) for r in recs)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 1.7 * len(keys) + 0.6), sharex=True, squeeze=False)
+    data = {"tokens": x, "boundaries": bounds}
+    for (key, title), ax in zip(keys, axes[:, 0]):
+        ys = [r.get(key) for r in recs]
+        data[key] = ys
+        if key == "loss":
+            ax.plot(x, ys, linewidth=1)
+        else:
+            ax.step(x, ys, where="post", linewidth=1.2)
+        ax.set_ylabel(title, fontsize=8)
+        ax.grid(alpha=0.3)
+        for t, label in bounds:
+            ax.axvline(t, color="tab:red", linestyle=":", linewidth=0.8)
+            if ax is axes[0, 0]:
+                ax.annotate(label, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                            va="top", ha="right", color="tab:red")
+    axes[-1, 0].set_xlabel("tokens seen")
+    axes[0, 0].set_title("scheduled values against tokens (dotted: phase boundaries)")
+    return _save(fig, path, data)
+
+
 def plot_run(run_dir: str) -> list[str]:
     """All pictures of one run into run_dir/plots/; returns the paths written."""
     records = read_metrics(run_dir)
@@ -153,7 +217,8 @@ def plot_run(run_dir: str) -> list[str]:
                       log_y=True),
             line_plot(records, ["maxvio"], "MaxVio (max / mean expert load - 1)", os.path.join(out, "maxvio.png")),
             expert_load_heatmap(records, os.path.join(out, "expert_load.png"), _names_for(run_dir, records)),
-            rank_times(records, os.path.join(out, "ranks.png"))]
+            rank_times(records, os.path.join(out, "ranks.png")),
+            schedule_plot(records, os.path.join(out, "schedule.png"))]
     return [p for p in made if p]
 
 

@@ -105,7 +105,8 @@ def schedule_change(checkpoint: str, cfg: Config) -> str | None:
     from trainer.schedule import lr_at
     saved = _saved_config(checkpoint)
     old_steps = (saved.get("train") or {}).get("steps")
-    if not isinstance(old_steps, int) or old_steps == cfg.train.steps or cfg.schedule.decay_steps:
+    if not isinstance(old_steps, int) or old_steps == cfg.train.steps or cfg.schedule.decay_steps \
+            or not old_steps or not cfg.train.steps or cfg.train.tokens or cfg.schedule.pieces("optim.lr"):
         return None
     from parallel.checkpoint import step_of
     step = step_of(checkpoint) or 0

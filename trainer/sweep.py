@@ -222,8 +222,16 @@ def last_step(output_dir: str) -> int:
     return best
 
 
-def is_finished(run: RunSpec, total_steps: int) -> bool:
-    return last_step(run.output_dir) >= total_steps
+def last_tokens(output_dir: str) -> int:
+    """Most tokens seen recorded in output_dir/metrics.jsonl (0 when there is none)."""
+    from trainer.metrics import read_metrics
+    return max((int(r.get("tokens", 0)) for r in read_metrics(output_dir)), default=0)
+
+
+def is_finished(run: RunSpec, total_steps: int, total_tokens: int = 0) -> bool:
+    """The run reached train.steps or train.tokens (0 = that limit is off)."""
+    return bool(total_steps and last_step(run.output_dir) >= total_steps
+                or total_tokens and last_tokens(run.output_dir) >= total_tokens)
 
 
 def train_command(sweep: Sweep, run: RunSpec) -> list[str]:
@@ -234,7 +242,7 @@ def run_local(sweep: Sweep, runs: list[RunSpec], configs: list) -> int:
     """Run the unfinished runs one after another; returns how many failed."""
     failed = 0
     for run, cfg in zip(runs, configs):
-        if is_finished(run, cfg.train.steps):
+        if is_finished(run, cfg.train.steps, cfg.train.tokens):
             print(f"[{run.index}] {run.name}: finished, skipped")
             continue
         os.makedirs(run.output_dir, exist_ok=True)
@@ -253,7 +261,7 @@ def run_local(sweep: Sweep, runs: list[RunSpec], configs: list) -> int:
 
 def submit_slurm(sweep: Sweep, runs: list[RunSpec], configs: list, dry_run: bool = False) -> str | None:
     """One sbatch job array over the unfinished runs; returns the sbatch command line's output."""
-    todo = [r.index for r, c in zip(runs, configs) if not is_finished(r, c.train.steps)]
+    todo = [r.index for r, c in zip(runs, configs) if not is_finished(r, c.train.steps, c.train.tokens)]
     if not todo:
         print("every run is finished; nothing to submit")
         return None
@@ -276,7 +284,8 @@ def submit_slurm(sweep: Sweep, runs: list[RunSpec], configs: list, dry_run: bool
 
 def print_runs(sweep: Sweep, runs: list[RunSpec], configs: list) -> None:
     for run, cfg in zip(runs, configs):
-        state = "finished" if is_finished(run, cfg.train.steps) else f"at step {last_step(run.output_dir)}"
+        done = is_finished(run, cfg.train.steps, cfg.train.tokens)
+        state = "finished" if done else f"at step {last_step(run.output_dir)}"
         print(f"[{run.index}] {run.name} ({state})\n    python {shlex.join(train_command(sweep, run)[1:])}")
 
 

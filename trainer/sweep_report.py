@@ -34,7 +34,9 @@ def result_rows(sweep, runs, configs) -> list[dict]:
     for run, cfg in zip(runs, configs):
         records = read_metrics(run.output_dir)
         step = records[-1]["step"] if records else 0
-        status = "done" if step >= cfg.train.steps else ("partial" if records else "missing")
+        tokens = max((int(r.get("tokens", 0)) for r in records), default=0)
+        done = (cfg.train.steps and step >= cfg.train.steps) or (cfg.train.tokens and tokens >= cfg.train.tokens)
+        status = "done" if done else ("partial" if records else "missing")
         row = {"run": run.name}
         row.update({key: run.overrides.get(key) for key in sweep.swept_keys})
         if sweep.seeds:

@@ -147,8 +147,9 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
     from data.stream import stream_from_config
     from parallel import checkpoint as ckpt
     from trainer import init_from, preflight
-    from trainer.loop import install_stop_handlers, load_state, train
     from trainer.diagnostics import Monitor
+    from trainer.loop import install_stop_handlers, load_state, total_steps, train
+    from trainer.phases import format_tokens
     from trainer.metrics import MetricsWriter, setup_logging
 
     setup_logging(cfg.train.output_dir, topology.rank)
@@ -183,14 +184,19 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
             if warning:
                 log.warning(warning)
     init_from.start_stage(run_, cfg, resumed=path)
-    if run_.step >= cfg.train.steps:
-        log.info("this run is complete: step %d of train.steps = %d in %s; to train further, raise train.steps "
-                 "(e.g. --set train.steps=%d), or start afresh in another train.output_dir", run_.step,
-                 cfg.train.steps, cfg.train.output_dir, 2 * cfg.train.steps)
+    total = total_steps(run_)
+    if run_.step >= total:
+        more = (f"train.tokens (e.g. --set train.tokens={format_tokens(2 * cfg.train.tokens)})" if cfg.train.tokens
+                else f"train.steps (e.g. --set train.steps={2 * cfg.train.steps})")
+        log.info("this run is complete: step %d of %s (%s tokens) in %s; to train further, raise %s, or start "
+                 "afresh in another train.output_dir", run_.step, describe_limit(cfg), format_tokens(run_.tokens),
+                 cfg.train.output_dir, more)
         return 0
     previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     install_stop_handlers(run_)
-    log.info("model: %s; training %d steps", describe_params(cfg, run_.model, topology), cfg.train.steps)
+    log.info("model: %s; training %d steps (%s)", describe_params(cfg, run_.model, topology), total,
+             describe_limit(cfg))
+    log_schedule(run_)
     metrics = MetricsWriter(cfg.train.output_dir, cfg.logging.every, cfg.logging.tensorboard,
                             enabled=topology.rank == 0, wandb=cfg.logging.wandb, config=to_dict(cfg))
     run_.monitor = Monitor.start(cfg, topology.rank, topology.world_size, device, EXIT_PREEMPTED, run_.model)
@@ -207,7 +213,7 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
         metrics.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    if run_.stop_requested and run_.step < cfg.train.steps:
+    if run_.stop_requested and run_.step < total:
         log.warning("stopped at step %d by a signal; checkpoint saved; exit %d asks for a requeue",
                     run_.step, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
@@ -234,6 +240,32 @@ def write_resolved_config(cfg, rank: int) -> None:
     log.info("resolved config:\n%s", text, extra={"file_only": True})
     with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
         f.write(text)
+
+
+def describe_limit(cfg) -> str:
+    """What ends the run, in the config's words."""
+    from trainer.phases import format_tokens
+    parts = ([f"train.steps = {cfg.train.steps}"] if cfg.train.steps else []) + \
+        ([f"train.tokens = {format_tokens(cfg.train.tokens)}"] if cfg.train.tokens else [])
+    return " or ".join(parts)
+
+
+def log_schedule(run_) -> None:
+    """One line per phased field: its pieces in the report's units (nothing when none is phased)."""
+    from trainer.phases import format_tokens
+    from trainer.schedule import Layout, micro_batches
+    cfg = run_.cfg
+    lay = Layout.of(cfg, run_.engine.topology.dp)
+    for name, pieces in cfg.schedule.phased.items():
+        text = ", ".join((f"{p.a:g}" if p.constant else f"{p.a:g} -> {p.b:g} ({p.shape})") +
+                         f" until {format_tokens(p.end)}" for p in pieces)
+        log.info("schedule %s: %s", name, text)
+        if name == "train.global_batch":
+            low = micro_batches(pieces[0].a, lay) * lay.dp * lay.micro_batch_size
+            if low > pieces[0].a:
+                log.warning("train.global_batch starts at %g sequences, below this layout's smallest step "
+                            "(%d micro-batches x dp %d x micro_batch_size %d = %d): steps take %d until the "
+                            "schedule reaches it", pieces[0].a, lay.smallest, lay.dp, lay.micro_batch_size, low, low)
 
 
 def finish(cfg, run_, metrics) -> None:

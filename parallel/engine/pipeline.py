@@ -22,7 +22,7 @@ micro-batch's all-to-alls with the other's compute (`parallel.pipeline.overlap`)
 Validation runs each micro-batch forward-only through the stages in order
 (`parallel.pipeline.forward_only`); the losses come out on the rank of the head stage.
 
-Legend: N micro-batches per step (= train.grad_accum), E routed experts.
+Legend: N micro-batches per step (train.grad_accum, or what the global batch schedule gives the step), E routed experts.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from parallel.pipeline.model_stage import ModelChunk, build_union_chunks, model_
 from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
-from parallel.pipeline.schedules import Schedule, build_schedule
+from parallel.pipeline.schedules import Schedule, build_schedule, smallest_micro
 from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
@@ -93,13 +93,28 @@ def held_lower(model: nn.Module, topology: Topology) -> set[str]:
 
 
 class PipelineEngine(ZeroEngine):
-    """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks."""
+    """One rank's pipeline: the runtime runs the schedule's actions on this rank's chunks.
+
+    A step may bring another number of micro-batches than the last (a batch-size ramp): the
+    engine then runs the same chunks under the schedule for that count, one runtime per count
+    (`make_runtime(n)`), kept so that each keeps its message-shape caches in step on all ranks."""
 
     def __init__(self, model: nn.Module, zero: ZeroAdamW, topology: Topology, device: torch.device,
                  make_context: ForwardContext, dispatcher: AllToAllDispatcher | None, runtime: PipelineRuntime,
-                 batches: list[Batch], num_experts: int):
+                 batches: list[Batch], num_experts: int, make_runtime=None):
         super().__init__(model, zero, topology, device, make_context, dispatcher)
         self.runtime, self.batches, self.num_experts = runtime, batches, num_experts
+        self._runtimes = {runtime.schedule.num_micro: runtime}
+        self._make_runtime = make_runtime
+
+    def use_micro_batches(self, n: int) -> None:
+        """Run the next steps with `n` micro-batches (same on every rank of the pipeline)."""
+        if n not in self._runtimes:
+            if self._make_runtime is None:
+                raise ValueError(f"this pipeline runs {self.runtime.schedule.num_micro} micro-batches per step, "
+                                 f"not {n}")
+            self._runtimes[n] = self._make_runtime(n)
+        self.runtime = self._runtimes[n]
 
     def eval_forward(self, batch: Batch):
         """The head stage's output on its rank, None on the others (every pp rank calls it)."""
@@ -110,6 +125,7 @@ class PipelineEngine(ZeroEngine):
 
     def forward_backward(self, batches: list[Batch]) -> StepMetrics:
         topo = self.topology
+        self.use_micro_batches(len(batches))
         self.batches[:] = self.step_batches(batches)  # the chunks' inputs, with the step's counts
         self.runtime.run()
         reduce_shared_grads([self.model], topo.pp_rank, topo.pp, topo.ranks("pp"), topo.group("pp"))
@@ -137,9 +153,13 @@ class PipelineEngine(ZeroEngine):
         return StepMetrics(loss=loss, lm_loss=lm, mtp_loss=mtp, balance_loss=balance, expert_counts=counts)
 
 
-def pipeline_schedule(cfg, topology: Topology) -> Schedule:
-    """The configured schedule; ValueError naming the fields when it cannot run here."""
-    name, n = cfg.parallel.schedule, cfg.train.grad_accum
+def pipeline_schedule(cfg, topology: Topology, n: int | None = None) -> Schedule:
+    """The configured schedule for `n` micro-batches (default: train.grad_accum, or the schedule's
+    smallest count when train.global_batch decides it); ValueError naming the fields when it cannot run here."""
+    name = cfg.parallel.schedule
+    if n is None:
+        batch_set = cfg.train.global_batch or "train.global_batch" in cfg.schedule.phases
+        n = max(cfg.train.grad_accum, smallest_micro(name, topology.pp)) if batch_set else cfg.train.grad_accum
     try:
         schedule = build_schedule(name, topology.pp, n, paired=cfg.parallel.overlap_on(topology.ep))
     except ValueError as e:
@@ -184,9 +204,13 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
     apply_stage_policies(model, cfg, device, split_w=has_w and provider is None)
     zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology),
                                          grad_scale=1.0)
-    runtime = PipelineRuntime(schedule, topology.pp_rank, [TrainChunk(c, make_context) for c in chunks],
-                              group_ranks=topology.ranks("pp"), group=topology.group("pp"), device=device,
-                              pair=OverlapPairExecutor() if overlap else PairExecutor(),
-                              loss_scale=1.0)  # each loss is its share of the step's already
-    return PipelineEngine(model, zero, topology, device, make_context, dispatcher, runtime, batches,
-                          cfg.moe.num_experts)
+    train_chunks = [TrainChunk(c, make_context) for c in chunks]
+
+    def make_runtime(n: int) -> PipelineRuntime:
+        return PipelineRuntime(schedule if n == schedule.num_micro else pipeline_schedule(cfg, topology, n),
+                               topology.pp_rank, train_chunks, group_ranks=topology.ranks("pp"),
+                               group=topology.group("pp"), device=device,
+                               pair=OverlapPairExecutor() if overlap else PairExecutor(),
+                               loss_scale=1.0)  # each loss is its share of the step's already
+    return PipelineEngine(model, zero, topology, device, make_context, dispatcher, make_runtime(schedule.num_micro),
+                          batches, cfg.moe.num_experts, make_runtime)

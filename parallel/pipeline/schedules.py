@@ -222,6 +222,11 @@ def check_sizes(name: str, pp: int, n: int) -> None:
             raise ValueError(f"micro = {n}: dualpipe needs at least 2 * pp = {2 * pp} micro-batches")
 
 
+def smallest_micro(name: str, pp: int) -> int:
+    """Fewest micro-batches per step that `name` runs on `pp` ranks (see check_sizes)."""
+    return 2 * pp if name in ("dualpipe", "dualpipev") and pp > 1 else 1
+
+
 def build_schedule(name: str, pp: int, n: int, paired: bool = False) -> Schedule:
     """The schedule `name` for `pp` pipeline ranks and `n` micro-batches, with comms lowered.
     `paired`: 1F1B / ZB1P with their steady state as F&B pairs (DualPipe's always are)."""

@@ -68,3 +68,48 @@ def test_tiny_plan_on_one_node_and_png(tmp_path, capsys):
                  "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "  1 " in out and png.stat().st_size > 1000
+
+
+def test_run_in_tokens_is_timed_with_its_batch_ramp(capsys):
+    """A run stated in tokens: the global batch defaults to the schedule's largest, and the whole
+    run is timed on the top layouts, ramp included: more steps than at the constant batch, and
+    at least as many GPU-hours (small batches run the pipeline less full)."""
+    ramp = ("schedule.phases={train.global_batch: [{until_tokens: 200M, from: 16, to: 64}, "
+            "{until_tokens: 1B, value: 64}]}")
+    assert main(["configs/tiny.yaml", "--gpus", "8", "--gpu", "h200", "--seq", "256", "--top", "2",
+                 "--run-layouts", "1", "--set", "train.steps=0", "train.tokens=1B", ramp]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 64 sequences" in out and "the whole run (1B tokens" in out
+    line = next(x for x in out.splitlines() if x.startswith("  1 pp ") and "GPU-hours" in x)
+    flat = next(x for x in out.splitlines() if "at a constant 64 sequences" in x)
+    steps = lambda text: int(text.split(" steps")[0].split()[-1].replace(",", ""))  # noqa: E731
+    hours = lambda text: float(text.split(" H200 GPU-hours")[0].split()[-1].replace(",", ""))  # noqa: E731
+    assert steps(line) > steps(flat) == -(-10**9 // (64 * 256))
+    assert hours(line) >= hours(flat) > 0
+    assert "2.664M H800 GPU-hours" in out
+
+
+def test_plan_needs_a_global_batch_when_the_config_has_none(capsys):
+    assert main(["configs/tiny.yaml", "--gpus", "8", "--gpu", "h200"]) == 2
+    assert "--global-batch: needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev", "zb1p"])
+def test_run_time_between_two_replays_equals_replaying_every_count(schedule):
+    """The step time is affine in the micro-batch count past the pipeline's fill: the run timed
+    from the smallest and the largest count's replays equals the run with every count replayed."""
+    import dataclasses
+
+    from trainer.plan.layouts import memory
+    from trainer.plan.run_time import run_time
+    ramp = ("schedule.phases={train.global_batch: [{until_tokens: 50M, from: 16, to: 64}, "
+            "{until_tokens: 100M, value: 64}]}")
+    cfg = load_config("configs/tiny.yaml", ["train.steps=0", "train.tokens=100M", "data.seq_len=256", ramp,
+                                            "parallel.pp=2", f"parallel.schedule={schedule}"])
+    cl = Cluster(8, 8, gpu_kind("h100"), 256, 64)
+    ranked, _, _ = plan(cfg, cl, top=50)
+    est = next(e for e in ranked if e.cand.pp == 2 and e.cand.schedule == schedule)
+    est = memory(cfg, dataclasses.replace(est.cand, micro_batch=1, num_micro=16), cl)
+    fast, exact = run_time(cfg, est, cl), run_time(cfg, est, cl, exact=True)
+    assert len(exact.micro_counts) > 3 and fast.steps == exact.steps
+    assert fast.seconds == pytest.approx(exact.seconds, rel=1e-3)

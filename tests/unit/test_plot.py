@@ -105,3 +105,34 @@ def test_expert_load_panels_name_main_blocks_and_the_mtp_block(tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  num_layers: 2\n  first_k_dense: 1\n")
     assert main([str(tmp_path)]) == 0
     assert read_series(tmp_path / "plots" / "expert_load.png")["layers"] == ["block 1", "MTP block 1"]
+
+def test_schedule_plot_draws_values_against_tokens_with_phase_boundaries(tmp_path):
+    """Records of a token-scheduled run: every scheduled quantity against the tokens seen before
+    its step, and a boundary wherever the phase changes, named by what changed."""
+    w = MetricsWriter(str(tmp_path), every=1, tensorboard=False)
+    phases = ["warmup lr 1/2 batch 1/2", "lr 1/2 batch 1/2", "lr 1/2 batch 2/2", "lr 2/2 batch 2/2"]
+    tokens, batch = 0, [2, 2, 4, 4]
+    for step in range(1, 5):
+        tokens += batch[step - 1] * 64
+        w.write(step, 4, {"loss": 5.0, "lm_loss": 5.0, "mtp_loss": 5.0, "balance_loss": 0.0, "lr": 1e-3 / step,
+                          "grad_norm": 1.0, "tokens_per_s": 1.0, "step_time": 1.0, "tflops": 0.0, "mfu": None,
+                          "maxvio": 0.0, "tokens": tokens, "global_batch": batch[step - 1], "grad_accum": 1,
+                          "phase": phases[step - 1], "bias_update_speed": 0.001, "mtp_loss_weight": 0.3,
+                          "seq_aux_loss_alpha": 1e-4, "tokens_total": 768})
+    w.close()
+    assert main([str(tmp_path)]) == 0
+    data = read_series(tmp_path / "plots" / "schedule.png")
+    assert data["tokens"] == [0.0, 128.0, 256.0, 512.0]
+    assert data["global_batch"] == batch and data["lr"] == [1e-3 / s for s in range(1, 5)]
+    assert data["boundaries"] == [[128.0, "warmup ends"], [256.0, "batch 2/2"], [512.0, "lr 2/2"]]
+    with open(tmp_path / "metrics.jsonl") as f:
+        third = json.loads(f.readlines()[2])
+    assert "| tokens 512 | batch 4 (1 mb) | phase lr 1/2 batch 2/2 |" in format_line(3, 4, third)
+
+
+def test_eta_counts_tokens_left_when_the_run_ends_at_train_tokens():
+    from trainer.metrics import eta_seconds
+    # 10 s for 1,000 tokens; 3,000 tokens left -> 30 s, whatever the steps (a ramp makes them bigger)
+    assert eta_seconds(10.0, 5, 1000.0, 5, 7, {"tokens": 1000, "tokens_total": 4000}) == pytest.approx(30.0)
+    assert eta_seconds(10.0, 5, 1000.0, 5, 7, {}) == pytest.approx(4.0)   # by steps: 2 s x 2 steps
+    assert eta_seconds(10.0, 5, 1000.0, 7, 7, {"tokens": 4000, "tokens_total": 4000}) == 0.0

@@ -128,10 +128,10 @@ def test_first_ctrl_c_stops_after_the_step_and_the_second_aborts():
 def test_ctrl_c_saves_and_exits_75(corpus, tmp_path, monkeypatch):
     real = loop.optimizer_step
 
-    def step_then_ctrl_c(run, m, lr):
+    def step_then_ctrl_c(run, m, *args):
         if run.step == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(run, m, lr)
+        return real(run, m, *args)
     monkeypatch.setattr(loop, "optimizer_step", step_then_ctrl_c)
     out = tmp_path / "run"
     assert train_cli.main(sets(*corpus, "train.steps=5", "checkpoint.every=0", f"train.output_dir={out}")) == 75

@@ -103,6 +103,10 @@ def test_skip_finished_and_dry_run_listing(tmp_path, capsys):
     assert "\n    python -m trainer.train " in out  # each run's line pastes into a shell as it is
     assert sw.main([path, "--slurm", "--dry-run"]) == 0
     assert "--array=1,2 " in capsys.readouterr().out  # only the unfinished runs are submitted
+    # a run in tokens (train.steps 0) is finished when its records reach train.tokens
+    with open(os.path.join(runs[1].output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "tokens": 5000}) + "\n")
+    assert sw.is_finished(runs[1], 0, 5000) and not sw.is_finished(runs[1], 0, 5001)
 
 
 def test_local_run_skips_finished_runs(tmp_path, monkeypatch, capsys):

@@ -1,10 +1,13 @@
-"""`python -m trainer.plan CONFIG --gpus N --gpus-per-node 8 --gpu h800 --seq 4096 --global-batch B`.
+"""`python -m trainer.plan CONFIG --gpus N --gpus-per-node 8 --gpu h800 --seq 4096 [--global-batch B]`.
 
 Ranks the parallel layouts of a model config on a cluster by predicted tokens/s per GPU: for
 each, the fullest rank's memory (weights, gradients, fp32 master and AdamW moments under
 ZeRO-1, activations at the schedule's peak, all-to-all buffers), the step time, MFU and the
 pipeline bubble, and the `--set` overrides that run it. Layouts that do not fit are listed with
 the component that puts them over budget. `--png` draws the memory breakdown of the top layouts.
+The global batch defaults to the config's largest (`train.global_batch` or its phases). For a run
+stated in tokens (`train.tokens`) it also prints the time of the whole run on the top layouts,
+batch-size ramp included, in GPU-hours (trainer/plan/run_time.py).
 Models: trainer/plan/memory.py, trainer/plan/timing.py, trainer/plan/layouts.py; hardware numbers:
 trainer/plan/hardware.py.
 """
@@ -15,7 +18,9 @@ import sys
 
 from trainer.config import ConfigError, load_config
 from trainer.plan.hardware import GIB, gpu_kind
-from trainer.plan.layouts import COMPONENTS, Cluster, Estimate, plan
+from trainer.phases import format_tokens
+from trainer.plan.layouts import COMPONENTS, Cluster, Estimate, fixed_batch, plan
+from trainer.plan.run_time import REPORT_GPU_HOURS, describe, largest_batch, run_time
 
 _HEAD = (f"{'#':>3} {'pp':>3} {'dp':>5} {'ep':>4} {'edp':>4} {'schedule':<9} {'mb':>3} {'n':>4} {'recomp':<6} "
          f"{'fp8':<4} {'m16':<4} {'GiB':>6} {'step s':>7} {'tok/s/GPU':>9} {'MFU':>5} {'bubble':>6}")
@@ -91,7 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu", required=True, help="GPU kind: a row of trainer/plan/hardware.py")
     ap.add_argument("--seq", type=int, default=4096, help="sequence length")
-    ap.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    ap.add_argument("--global-batch", type=int, default=None,
+                    help="sequences per optimizer step (default: the config's largest train.global_batch)")
+    ap.add_argument("--run-layouts", type=int, default=3, help="time the whole run on this many top layouts")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--why", action="store_true", help="list every layout that does not fit, with the reason")
     ap.add_argument("--png", default=None, help="write the memory breakdown of the top layouts here")
@@ -100,12 +107,26 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set + [f"data.seq_len={args.seq}",
                                                    f"model.max_seq_len={max(args.seq, 1)}"])
-        cl = Cluster(args.gpus, args.gpus_per_node, gpu_kind(args.gpu), args.seq, args.global_batch)
+        batch = args.global_batch or largest_batch(cfg)
+        if batch is None:
+            raise ValueError("--global-batch: needed, as the config sets no train.global_batch; give the sequences "
+                             "per optimizer step, e.g. --global-batch 1920")
+        cl = Cluster(args.gpus, args.gpus_per_node, gpu_kind(args.gpu), args.seq, batch)
         ranked, failed, untimed = plan(cfg, cl, args.top)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(ranked, failed, untimed, cl, args.top, args.why))
+    if cfg.train.tokens and ranked:
+        print(f"\nthe whole run ({format_tokens(cfg.train.tokens)} tokens, the config's batch schedule "
+              "on each layout):")
+        for i, e in enumerate(ranked[:args.run_layouts], 1):
+            c = e.cand
+            print(f"{i:>3} pp {c.pp} dp {c.dp} ep {c.ep} {c.schedule if c.pp > 1 else ''}: "
+                  f"{describe(run_time(cfg, e, cl), cl.gpu.name)}")
+        flat = run_time(fixed_batch(cfg, batch), ranked[0], cl)
+        print(f"    #1 at a constant {batch:,} sequences instead: {describe(flat, cl.gpu.name)}")
+        print(f"    DeepSeek-V3 report (Table 1): {REPORT_GPU_HOURS / 1e6:.3f}M H800 GPU-hours for pre-training")
     if args.png and ranked:
         draw_memory(ranked, args.png, args.top)
         print(f"wrote {args.png}")

@@ -329,10 +329,20 @@ def timing(cfg, est: Estimate, cl: Cluster) -> Estimate:
     return est
 
 
+def fixed_batch(cfg, global_batch: int | None = None):
+    """`cfg` at one constant global batch, with micro-batches per step left to the candidates (no
+    train.global_batch or its phases); with `global_batch`, that batch as train.global_batch."""
+    phases = {k: v for k, v in cfg.schedule.phases.items() if k != "train.global_batch"}
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, phases=phases),
+                               train=dataclasses.replace(cfg.train, global_batch=global_batch or 0, grad_accum=1))
+
+
 def plan(cfg, cl: Cluster, top: int = 10) -> tuple[list[Estimate], list[Estimate], int]:
     """(fitting layouts ranked by tokens/s per GPU, each with its fastest settings; the layouts
     that do not fit, each with its least memory-hungry settings and the reason; how many more
-    layouts fit but cannot enter the top `top`, by their lower bound, and were not replayed)."""
+    layouts fit but cannot enter the top `top`, by their lower bound, and were not replayed).
+    Ranked at `cl.global_batch` sequences per step, whatever batch the config schedules."""
+    cfg = fixed_batch(cfg)
     check_cluster(cfg, cl)
     fitting: dict[tuple, list[Estimate]] = {}
     least: dict[tuple, Estimate] = {}
