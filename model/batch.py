@@ -28,7 +28,18 @@ class Batch:
     labels: Tensor       # [B,L] long, next token in the same document, -100 elsewhere
 
     def to(self, device) -> "Batch":
+        """On `device`; host tensors bound for a GPU go through pinned memory without blocking
+        (the copy is ordered before any kernel that reads it on the current stream)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return Batch(**{f.name: _to_cuda(getattr(self, f.name), device) for f in fields(self)})
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _to_cuda(t: Tensor, device: torch.device) -> Tensor:
+    if t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 
