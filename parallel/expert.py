@@ -211,7 +211,8 @@ def _shard_experts(experts: nn.Module, num_experts: int, offset: int, n_local: i
     experts.num_experts, experts.expert_offset = n_local, offset
 
 
-def parallelize_experts(model: nn.Module, topology, node_limited: bool = True) -> AllToAllDispatcher:
+def parallelize_experts(model: nn.Module, topology, node_limited: bool = True,
+                        force_exchange: bool = False) -> AllToAllDispatcher:
     """Keep only this ep rank's experts in every MoE layer and install the all-to-all dispatcher.
 
     Parameter names are unchanged (`layers.3.moe.experts.w_gate` now holds rows
@@ -221,7 +222,7 @@ def parallelize_experts(model: nn.Module, topology, node_limited: bool = True) -
     if not moes:
         raise ValueError("parallelize_experts: the model has no MoE layer (model.first_k_dense = num_layers?)")
     num_experts = moes[0][1].moe.num_experts
-    dispatcher = AllToAllDispatcher(num_experts, topology, node_limited)
+    dispatcher = AllToAllDispatcher(num_experts, topology, node_limited, force_exchange)
     for _, moe in moes:
         _shard_experts(moe.experts, num_experts, dispatcher.expert_offset, dispatcher.num_local_experts)
         moe.set_dispatcher(dispatcher)
