@@ -4,10 +4,10 @@
 kernel exists (blockwise scaling, TE absent). It used to read every count from the device
 (`int(c)`, one host sync per expert) and take each expert's weights as `w[e]`, whose backward
 writes a zero tensor the size of the whole [E,F,D] weight per expert (at moe_small: 0.74 GB,
-192 times per layer). Now: one `tolist()` per layer and `parallel/fp8/expert_slices.py`, whose
-slices add their gradients into one buffer as they arrive. The middle row, `unbind(0)`, avoids the
-zero fills but holds all E gradients until it stacks them. Each variant runs forward+backward of one layer in a fresh process; the table
-gives the median step time and the peak resident memory above the set-up (model, inputs).
+192 times per layer). Now: one `tolist()` per layer and `unbind(0)`, whose backward stacks the
+E gradients once. Each variant runs forward+backward of one layer in a fresh process; the table
+gives the median step time and the peak resident memory above the set-up (model, inputs), with
+glibc's mmap threshold at 64 KiB so that freed tensors leave the resident set.
 
     python benchmarks/bench_fp8_experts.py [--experts 32] [--hidden 256] [--ffn 256] [--rows 2048] [--steps 3]
 """
@@ -31,7 +31,7 @@ from parallel.fp8.config import FP8Config  # noqa: E402
 from parallel.fp8.emulate import emulated_linear, spec_from_config  # noqa: E402
 from parallel.fp8.provider import FP8GroupedExperts  # noqa: E402
 
-VARIANTS = ("before: int(c) + w[e]", "unbind: tolist + unbind", "after: tolist + expert_slices")
+VARIANTS = ("before: int(c) + w[e]", "after: tolist + unbind")
 
 
 def before_forward(ex: FP8GroupedExperts, x_SD: torch.Tensor, counts) -> torch.Tensor:
@@ -41,15 +41,6 @@ def before_forward(ex: FP8GroupedExperts, x_SD: torch.Tensor, counts) -> torch.T
     for e, x_e in enumerate(torch.split(x_SD, counts)):
         h = F.silu(ex.linear(x_e, ex.w_gate[e])) * ex.linear(x_e, ex.w_up[e])
         outs.append(ex.linear(h, ex.w_down[e]))
-    return torch.cat(outs, dim=0)
-
-
-def unbind_forward(ex: FP8GroupedExperts, x_SD: torch.Tensor, counts) -> torch.Tensor:
-    """One host read, `unbind(0)` weights: its backward holds the E gradients, then stacks them."""
-    outs = []
-    weights = zip(ex.w_gate.unbind(0), ex.w_up.unbind(0), ex.w_down.unbind(0))
-    for x_e, (wg, wu, wd) in zip(torch.split(x_SD, counts.tolist()), weights):
-        outs.append(ex.linear(F.silu(ex.linear(x_e, wg)) * ex.linear(x_e, wu), wd))
     return torch.cat(outs, dim=0)
 
 
@@ -71,7 +62,7 @@ def run_variant(variant: int, experts: int, hidden: int, ffn: int, rows: int, st
     for _ in range(steps):
         ex.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        y = (before_forward, unbind_forward, lambda e, a, c: e(a, c))[variant](ex, x, counts)
+        y = before_forward(ex, x, counts) if variant == 0 else ex(x, counts)
         y.square().mean().backward()
         times.append(time.perf_counter() - t0)
     return {"variant": VARIANTS[variant], "step_s": statistics.median(times), "peak_mb": _rss_mb() - base,
@@ -99,7 +90,9 @@ def main(argv=None) -> None:
     for v in range(len(VARIANTS)):
         cmd = [sys.executable, __file__, *(f"--{k}={n}" for k, n in zip(("experts", "hidden", "ffn", "rows", "steps"),
                                                                          sizes)), f"--variant={v}"]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        # freed tensors leave the resident set (else glibc keeps them and the peak says little)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
         results.append(r)
         print(f"{r['variant']:<32} {r['step_s']:>8.3f} {r['peak_mb']:>21.0f}", flush=True)
     same = all(abs(r["grad_sum"] - results[0]["grad_sum"]) <= 1e-5 * abs(results[0]["grad_sum"]) for r in results)

@@ -27,7 +27,6 @@ from torch import nn
 
 from parallel.fp8 import te as te_backend
 from parallel.fp8.config import COMPONENT_KINDS
-from parallel.fp8.expert_slices import expert_slices
 from parallel.fp8.emulate import EmulatedFP8Linear, emulated_linear, spec_from_config
 from parallel.fp8.select import select_backend
 from parallel.fp8.torch_grouped import grouped_fp8_swiglu
@@ -84,9 +83,9 @@ class FP8GroupedExperts(GroupedExperts):
         if len(counts) != self.num_experts or sum(counts) != x_SD.shape[0]:
             raise ValueError(f"counts {counts} do not match {self.num_experts} experts and {x_SD.shape[0]} rows")
         outs = []
-        # not w[e] (its backward fills a zero tensor the size of the whole [E,F,D] weight per expert)
-        # nor unbind (its backward holds all E gradients, then stacks them): see expert_slices
-        weights = zip(expert_slices(self.w_gate), expert_slices(self.w_up), expert_slices(self.w_down))
+        # unbind, not w[e]: the backward of w[e] builds a zero tensor the size of the whole [E,F,D]
+        # weight for every expert; unbind's backward stacks the E gradients once
+        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
         for x_e, (w_gate, w_up, w_down) in zip(torch.split(x_SD, counts), weights):
             # empty slices still run, as in GroupedExperts, so every expert gets a (zero) gradient
             h = F.silu(self.linear(x_e, w_gate)) * self.linear(x_e, w_up)
