@@ -208,15 +208,17 @@ def run_size(size: str, names: list[str], rounds: int, device, dtype, memory: bo
 
 
 def run_size_or_without_peer(size: str, names: list[str], args, device, dtype, notes: list[str]) -> list[dict]:
-    """run_size; on CUDA, where the peer has never run, a failing torchtitan is dropped with a note."""
+    """run_size; on CUDA, where the peers have never run, a failing peer is dropped with a note."""
     try:
         return run_size(size, names, args.rounds, device, dtype, not args.no_memory)
     except Exception as exc:
-        if "torchtitan" not in names or device.type != "cuda":
+        peers = [n for n in names if n in PEERS]
+        if not peers or device.type != "cuda":
             raise
-        notes.append(f"{size}: no torchtitan row, it failed: {type(exc).__name__}: {str(exc)[:300]}")
+        notes.append(f"{size}: no {'/'.join(peers)} row, the run failed: {type(exc).__name__}: {str(exc)[:300]}")
+        print(notes[-1], flush=True)
         torch.cuda.empty_cache()
-        return run_size(size, [n for n in names if n != "torchtitan"], args.rounds, device, dtype, False)
+        return run_size(size, [n for n in names if n not in PEERS], args.rounds, device, dtype, False)
 
 
 def loss_check(rows: list[dict], dtype) -> list[str]:

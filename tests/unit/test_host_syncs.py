@@ -8,6 +8,8 @@ experts, the optimizer step) under `torch.cuda.set_sync_debug_mode("error")`, wh
 the first synchronising call. On CPU: the position check reads nothing from rows that fit the
 RoPE tables, and the FP8 expert loop reads its counts once per layer.
 """
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from model.batch import make_batch
 from model.context import check_positions
 from parallel.fp8.provider import FP8GroupedExperts
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -66,7 +69,7 @@ def test_fp8_expert_loop_reads_counts_once_per_layer_and_unbinds_the_weights():
 
 def _tiny_cfg(*extra):
     from trainer.config import load_config
-    return load_config("configs/tiny.yaml", ["model.vocab_size=512", "train.micro_batch_size=2",
+    return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.vocab_size=512", "train.micro_batch_size=2",
                                              "train.grad_accum=2", "data.seq_len=128", *extra])
 
 
