@@ -1,9 +1,10 @@
 """Autograd-aware, asynchronous uneven all-to-all: the one communication primitive of EP.
 
 Expert parallelism (DeepSeek-V3 section 3.2.2) moves token rows between ranks with
-`all_to_all_single` and uneven splits. `start_exchange` exchanges the per-destination row counts
-(synchronously: they size the receive buffers), then issues the row exchange with
-`async_op=True` and returns a `PendingExchange`; `finish()` waits and attaches the result to
+`all_to_all_single` and uneven splits. `exchange_counts` exchanges the per-destination row counts
+on the rows' device (NCCL takes device tensors only) and reads them on the host once (they size
+the receive buffers: the one host sync of a hop); a `PendingExchange` then issues the row exchange
+with `async_op=True` (`start_exchange` does both); `finish()` waits and attaches the result to
 autograd through `_ExchangeFn`, whose backward is the same exchange with the splits swapped.
 Several tensors with the same rows (activations, gate weights, expert ids) travel in one
 exchange so that the backward issues its collectives in one fixed order on every rank.
