@@ -9,9 +9,13 @@ what that buys on the device at hand, with no network access. Three tables, all 
   2. grouped expert GEMMs (E local experts, D = 7168, F = 2048, tokens split evenly): BF16 per-expert
      loop vs torch._grouped_mm vs FP8 per-expert rowwise scaled_mm vs torch._scaled_grouped_mm;
   3. end to end: forward + backward of one model (default benchmarks/configs/moe_small.yaml, 2.6B
-     parameters with V2-Lite-sized experts) in BF16 and in FP8 (fp8.backend auto), eager and
-     torch.compile: ms/step, tokens/s, model TFLOP/s (trainer/plan/flops.py) and MFU against the
-     device's dense BF16 peak (so an FP8 run can exceed what BF16 reaches, never 2x the peak).
+     parameters with V2-Lite-sized experts) in BF16 and in FP8, eager and torch.compile: ms/step,
+     tokens/s, model TFLOP/s (trainer/plan/flops.py) and MFU against the device's dense BF16 peak (so an
+     FP8 run can exceed what BF16 reaches, never 2x the peak). FP8 runs fp8.backend auto, or with
+     `--recipes` PyTorch's own kernels without Transformer Engine, one row per recipe (rowwise:
+     experts through torch._scaled_grouped_mm; blockwise: torch.nn.functional.scaled_mm per GEMM).
+     Warm-up steps (and any compilation) run before the timed window.
+`--out FILE` appends every table row to FILE as soon as it is measured.
 A kernel the installed torch or device lacks shows as n/a (the reason goes to stderr).
 
 Usage: python benchmarks/bench_fp8.py [--quick] [--model-config PATH] [--no-compile | --compile-backend B]
@@ -151,27 +155,40 @@ def grouped_table(tokens_list, experts: int = 8, d: int = K_MODEL, f: int = 2048
     return ["tokens", "E"] + names + ["fp8 grouped / bf16 grouped"], rows
 
 
+STEP_HEADER = ["precision", "backend", "mode", "ms/step", "tokens/s", "model TFLOP/s", "MFU (bf16 peak)"]
+
+
 def step_table(config_path: str, overrides=(), compile_modes=(None, "inductor"), steps: int = 5,
-               device: str = "cuda") -> tuple[list[str], list[list[str]]]:
-    """Forward+backward of one model, BF16 vs FP8 x eager (None) vs torch.compile with each backend."""
+               device: str = "cuda", recipes=(None,), on_row=None) -> tuple[list[str], list[list[str]]]:
+    """Forward+backward of one model, BF16 vs FP8 (per recipe; None = fp8.backend auto) x eager
+    (None) vs torch.compile with each backend. `on_row(row)` is called as each row is measured."""
     from trainer.metrics import peak_tflops
     rows = []
-    for mode in ("bf16", "fp8"):
+    for mode, recipe in [("bf16", None)] + [("fp8", r) for r in recipes]:
         for compiled in compile_modes:
-            r = model_step(config_path, list(overrides), fp8=mode == "fp8", compile_backend=compiled, steps=steps,
-                           device=device)
+            try:
+                r = model_step(config_path, list(overrides), fp8=mode == "fp8", compile_backend=compiled, steps=steps,
+                               device=device, recipe=recipe)
+            except Exception as err:  # noqa: BLE001 - a backend that cannot run here: its row says n/a
+                print(f"  ({mode} {recipe or ''}: {type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                      file=sys.stderr)
+                r = {"backend": "torch" if recipe else "?", "s_per_step": None, "tokens_per_s": 0.0,
+                     "flops_per_token": 0.0}
             peak = peak_tflops(0.0, torch.device(device))
             tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12 if r["s_per_step"] else None
-            rows.append([mode, r["backend"], f"compile ({compiled})" if compiled else "eager",
+            rows.append([mode, r["backend"] + (f" {recipe}" if recipe else ""),
+                         f"compile ({compiled})" if compiled else "eager",
                          "n/a" if r["s_per_step"] is None else f"{r['s_per_step'] * 1e3:.1f}",
                          "n/a" if r["s_per_step"] is None else f"{r['tokens_per_s']:.0f}",
                          "n/a" if tflops is None else f"{tflops:.3g}",
                          f"{tflops / peak:.1%}" if tflops and peak else "n/a"])
-    return ["precision", "backend", "mode", "ms/step", "tokens/s", "model TFLOP/s", "MFU (bf16 peak)"], rows
+            if on_row:
+                on_row(rows[-1])
+    return STEP_HEADER, rows
 
 
 def model_step(config_path: str, overrides: list[str], *, fp8: bool, compile_backend: str | None = None, steps: int = 5,
-               device: str = "cuda", batch: int | None = None) -> dict:
+               device: str = "cuda", batch: int | None = None, recipe: str | None = None) -> dict:
     """Seconds per forward+backward, tokens/s and model FLOPs/token of the config's model."""
     import numpy as np
     from parallel.fp8 import autocast_context, make_provider, select_backend
@@ -180,7 +197,8 @@ def model_step(config_path: str, overrides: list[str], *, fp8: bool, compile_bac
     from trainer.plan.flops import flops_per_token
     from model.transformer import build_model
 
-    cfg = load_config(config_path, overrides + [f"fp8.enabled={'true' if fp8 else 'false'}"])
+    pinned = [f"fp8.backend=torch", f"fp8.recipe={recipe}"] if fp8 and recipe else []
+    cfg = load_config(config_path, overrides + [f"fp8.enabled={'true' if fp8 else 'false'}"] + pinned)
     backend = select_backend(cfg.fp8).backend if fp8 else None
     provider = make_provider(cfg.fp8, cfg.model.num_layers, backend=backend) if fp8 else None
     torch.manual_seed(0)
@@ -218,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager only in the end-to-end table")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     ap.add_argument("--skip", nargs="*", default=[], choices=("gemm", "grouped", "step"))
+    ap.add_argument("--recipes", nargs="*", default=None, choices=("tensorwise", "rowwise", "blockwise"),
+                    help="FP8 rows of the end-to-end table on PyTorch's kernels (no TE), one per recipe")
+    ap.add_argument("--out", default=None, help="append every table row to this file as it is measured")
     args = ap.parse_args(argv)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -233,16 +254,27 @@ def main(argv=None) -> int:
         print(f"device: cpu, torch {torch.__version__} (script check: small shapes, timings mean little)")
         shapes = CPU_SHAPES
     if "gemm" not in args.skip:
-        print(f"\nDense GEMM, K = {shapes['k']}, TFLOP/s\n")
-        print(markdown(*gemm_table(shapes["ms"], shapes["ns"], shapes["k"], dev)))
+        emit(args.out, f"\nDense GEMM, K = {shapes['k']}, TFLOP/s\n\n"
+             + markdown(*gemm_table(shapes["ms"], shapes["ns"], shapes["k"], dev)))
     if "grouped" not in args.skip:
-        print(f"\nGrouped expert GEMM, D = {shapes['k']}, F = {shapes['f']}, TFLOP/s\n")
-        print(markdown(*grouped_table(shapes["tokens"], shapes["experts"], shapes["k"], shapes["f"], dev)))
+        emit(args.out, f"\nGrouped expert GEMM, D = {shapes['k']}, F = {shapes['f']}, TFLOP/s\n\n"
+             + markdown(*grouped_table(shapes["tokens"], shapes["experts"], shapes["k"], shapes["f"], dev)))
     if "step" not in args.skip:
-        print(f"\nForward + backward, {args.model_config} {' '.join(args.set)}\n")
+        title = f"\nForward + backward, {args.model_config} {' '.join(args.set)}\n"
+        emit(args.out, title + "\n" + markdown(STEP_HEADER, []))
         modes = (None,) if args.no_compile else (None, args.compile_backend)
-        print(markdown(*step_table(args.model_config, args.set, modes, steps=2 if args.quick else 5, device=dev)))
+        step_table(args.model_config, args.set, modes, steps=2 if args.quick else 5, device=dev,
+                   recipes=tuple(args.recipes) if args.recipes else (None,),
+                   on_row=lambda row: emit(args.out, "| " + " | ".join(row) + " |"))
     return 0
+
+
+def emit(path: str | None, text: str) -> None:
+    """Print now and append to `path` now: a run killed by its time limit keeps its rows."""
+    print(text, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Models (`--models`): moepipe (routed experts as grouped GEMMs, the default path)
 moepipe-loop (the per-expert loop, the reference), moepipe+selective and moepipe+full (the
 recomputation policies, DeepSeek-V3 section 3.2.3), and torchtitan 0.3.0's DeepSeek-V3 model
 (`benchmarks/torchtitan_peer.py`) at the same dimensions holding the same weights, copied by
-name. All run alternately in one process (the order flips every round) on the same batch (one
+name. Where torchtitan cannot be imported (e.g. with a torch it was not built against), the peer
+is `eager`: the same model and weights as plain eager PyTorch would write it, a per-expert loop
+over the stacked weights and scaled_dot_product_attention under a dense document mask. All run alternately in one process (the order flips every round) on the same batch (one
 document per row), so load from other processes hits them alike; the first losses are checked
 equal (1e-5 relative in fp32) and printed. Each model computes its own loss (torchtitan: its
 cross_entropy_loss over fp32 logits / non-ignored targets; moepipe: model/loss.py). The balance
@@ -12,7 +14,10 @@ loss is off (moe.seq_aux_loss_alpha = 0): torchtitan has none. torchtitan's adap
 printed with the table.
 
 Columns: step ms (min and median over the rounds; wall clock, and the process's CPU time, which a
-core shared with other jobs inflates less), tokens/s (from the wall median), step memory and
+core shared with other jobs inflates less), the ratios to the peer, tokens/s (from the wall
+median), MFU (tokens/s x the project's training FLOPs per token, `trainer/plan/flops.py` without MTP,
+over the device's dense bf16 peak, `trainer/metrics.py`; printed above the table; n/a on CPU),
+step memory and
 the bytes autograd keeps for backward (exact, from a saved-tensors hook). Step memory is the
 peak above the memory held before the step: on CUDA from the allocator's peak statistics, in
 process; on CPU the peak resident set size (VmHWM, reset through /proc/self/clear_refs) above
@@ -49,9 +54,12 @@ import torch  # noqa: E402
 
 import torchtitan_peer as peer  # noqa: E402
 from model.batch import make_batch  # noqa: E402
+from model.context import make_context  # noqa: E402
 from model.transformer import build_model  # noqa: E402
 from parallel.recompute import apply_recompute  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.plan.flops import flops_per_token  # noqa: E402
+from trainer.metrics import peak_tflops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDIUM = ["model.hidden_size=512", "model.num_layers=8", "model.first_k_dense=1", "model.dense_ffn_size=1024",
@@ -72,7 +80,8 @@ SIZES = {"tiny": (os.path.join(ROOT, "configs", "tiny.yaml"), COMMON),
                                                       "train.micro_batch_size=1"]) for k in (2, 4)},
          "micro": (os.path.join(ROOT, "configs", "tiny.yaml"),   # plumbing checks only
                    COMMON + ["model.num_layers=2", "data.seq_len=32", "train.micro_batch_size=2"])}
-MODELS = ("moepipe", "moepipe-loop", "moepipe+selective", "moepipe+full", "torchtitan")
+MODELS = ("moepipe", "moepipe-loop", "moepipe+selective", "moepipe+full", "torchtitan", "eager")
+PEERS = ("torchtitan", "eager")
 LOSS_RTOL = 1e-5
 
 
@@ -89,10 +98,13 @@ def size_batch(cfg, device):
 
 def build_moepipe(cfg, name: str, device, dtype):
     model = build_model(cfg).to(device=device, dtype=dtype)
-    if name == "moepipe-loop":
+    if name in ("moepipe-loop", "eager"):
         for mod in model.modules():
             if hasattr(mod, "reference_forward"):
                 mod.forward = mod.reference_forward
+    if name == "eager":   # SDPA under the dense additive document mask on every device
+        model.make_context = lambda batch, m=model: make_context(batch, m.rope_cos, m.rope_sin, m.n_moe_layers,
+                                                                  m.cfg.moe.num_experts, attention="dense")
     apply_recompute(model, name.split("+")[1] if "+" in name else "none")
     return model
 
@@ -107,6 +119,8 @@ def build_models(cfg, names, device, dtype) -> dict:
             fns[name] = (lambda b, m=titan: peer.titan_loss(m, b, device), titan)
         else:
             model = base if name == "moepipe" else build_moepipe(cfg, name, device, dtype)
+            if model is not base:
+                model.load_state_dict(base.state_dict())
             fns[name] = (lambda b, m=model: m(b).loss, model)
     return fns
 
@@ -186,22 +200,25 @@ def run_size(size: str, names: list[str], rounds: int, device, dtype, memory: bo
     if memory and device.type == "cpu":
         peak = {n: cpu_step_memory(size, n) for n in names}
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    return [{"size": size, "model": n, "first_loss": first[n], "min_ms": 1e3 * min(times[n]),
+    flops = flops_per_token(cfg, mtp=False)
+    return [{"size": size, "model": n, "first_loss": first[n], "min_ms": 1e3 * min(times[n]), "flops_token": flops,
              "median_ms": 1e3 * statistics.median(times[n]), "cpu_min_ms": 1e3 * min(cpu[n]),
              "cpu_median_ms": 1e3 * statistics.median(cpu[n]), "tokens_s": tokens / statistics.median(times[n]),
              "step_mb": peak.get(n, float("nan")), "saved_mb": saved[n] / 2**20} for n in names]
 
 
 def run_size_or_without_peer(size: str, names: list[str], args, device, dtype, notes: list[str]) -> list[dict]:
-    """run_size; on CUDA, where the peer has never run, a failing torchtitan is dropped with a note."""
+    """run_size; on CUDA, where the peers have never run, a failing peer is dropped with a note."""
     try:
         return run_size(size, names, args.rounds, device, dtype, not args.no_memory)
     except Exception as exc:
-        if "torchtitan" not in names or device.type != "cuda":
+        peers = [n for n in names if n in PEERS]
+        if not peers or device.type != "cuda":
             raise
-        notes.append(f"{size}: no torchtitan row, it failed: {type(exc).__name__}: {str(exc)[:300]}")
+        notes.append(f"{size}: no {'/'.join(peers)} row, the run failed: {type(exc).__name__}: {str(exc)[:300]}")
+        print(notes[-1], flush=True)
         torch.cuda.empty_cache()
-        return run_size(size, [n for n in names if n != "torchtitan"], args.rounds, device, dtype, False)
+        return run_size(size, [n for n in names if n not in PEERS], args.rounds, device, dtype, False)
 
 
 def loss_check(rows: list[dict], dtype) -> list[str]:
@@ -217,19 +234,35 @@ def loss_check(rows: list[dict], dtype) -> list[str]:
     return lines
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| size | model | first loss | step ms min | step ms median | CPU ms min | CPU ms median | "
-            "/ torchtitan: min, median, CPU min, CPU median | tokens/s | step memory MB | saved for backward MB |")
-    lines = [head, "|" + "---|" * 11]
+TABLE_HEAD = ("| size | model | first loss | step ms min | step ms median | CPU ms min | CPU ms median | "
+              "/ peer: min, median, CPU min, CPU median | tokens/s | MFU | step memory MB | saved for backward MB |\n"
+              + "|" + "---|" * 12)
+
+
+def table_rows(rows: list[dict], peak: float | None) -> list[str]:
+    """One markdown line per row; ratios against the size's peer row (torchtitan or eager)."""
     keys = ("min_ms", "median_ms", "cpu_min_ms", "cpu_median_ms")
-    titan = {r["size"]: r for r in rows if r["model"] == "torchtitan"}
+    peers = {r["size"]: r for r in rows if r["model"] in PEERS}
+    lines = []
     for r in rows:
-        ref = titan.get(r["size"])
+        ref = peers.get(r["size"])
         ratio = ", ".join(f"{r[k] / ref[k]:.2f}" for k in keys) if ref else "-"
+        mfu = f"{r['tokens_s'] * r['flops_token'] / (peak * 1e12):.1%}" if peak else "n/a"
         lines.append(f"| {r['size']} | {r['model']} | {r['first_loss']:.6f} | {r['min_ms']:.1f} | "
                      f"{r['median_ms']:.1f} | {r['cpu_min_ms']:.1f} | {r['cpu_median_ms']:.1f} | {ratio} | "
-                     f"{r['tokens_s']:.0f} | {r['step_mb']:.1f} | {r['saved_mb']:.1f} |")
-    return "\n".join(lines)
+                     f"{r['tokens_s']:.0f} | {mfu} | {r['step_mb']:.1f} | {r['saved_mb']:.1f} |")
+    return lines
+
+
+def table(rows: list[dict], peak: float | None = None) -> str:
+    return "\n".join([TABLE_HEAD, *table_rows(rows, peak)])
+
+
+def append(path: str | None, text: str) -> None:
+    """Append to the results file right away: a step killed by its time limit keeps what it measured."""
+    if path:
+        with open(path, "a") as f:
+            f.write(text + "\n")
 
 
 def main(argv=None) -> int:
@@ -252,21 +285,35 @@ def main(argv=None) -> int:
     if "torchtitan" in names:
         reason = peer.unavailable_reason()
         if reason:
-            names.remove("torchtitan")
-            notes.append(f"no torchtitan rows: {reason}")
+            names[names.index("torchtitan")] = "eager"
+            names = list(dict.fromkeys(names))
+            notes.append(f"no torchtitan rows: {reason}; the peer is `eager`: the same model and weights in plain "
+                         f"eager PyTorch (per-expert loop, SDPA under a dense document mask)")
         else:
             notes += peer.adaptations(device, dtype)
-    rows = [r for size in args.size for r in run_size_or_without_peer(size, names, args, device, dtype, notes)]
-    notes += loss_check(rows, dtype)
-    text = (f"device {device}, {dtype}, {torch.get_num_threads()} threads, {args.rounds} rounds, models alternated "
-            f"in one process (order flipped every round); step memory: "
-            f"{'CUDA allocator peak above pre-step' if device.type == 'cuda' else 'peak RSS above pre-step RSS, fresh process per model'}\n"
-            + "".join(f"- {n}\n" for n in notes) + "\n" + table(rows))
-    print(text)
+    peak = peak_tflops(0.0, device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_model.md"), "w") as f:
-            f.write(text + "\n")
+        out = os.path.join(args.out, "bench_model.md")
+    head = (f"device {gpu}, torch {torch.__version__}, {dtype}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+            f"models alternated in one process (order flipped every round); MFU against a dense bf16 peak of "
+            f"{f'{peak:g} TFLOP/s' if peak else 'n/a (unknown device)'}; step memory: "
+            f"{'CUDA allocator peak above pre-step' if device.type == 'cuda' else 'peak RSS above pre-step RSS, fresh process per model'}\n"
+            + "".join(f"- {n}\n" for n in notes) + "\n" + TABLE_HEAD)
+    print(head, flush=True)
+    append(out, head)
+    rows = []
+    for size in args.size:
+        got = run_size_or_without_peer(size, names, args, device, dtype, notes)
+        rows += got
+        lines = "\n".join(table_rows(got, peak))
+        print(lines, flush=True)
+        append(out, lines)
+    checks = "".join(f"- {n}\n" for n in loss_check(rows, dtype))
+    print(checks, flush=True)
+    append(out, "\n" + checks)
     return 0
 
 

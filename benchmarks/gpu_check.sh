@@ -1,54 +1,86 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the hot path: every GPU step of a session with one H100/H200, in at
-# most 8 minutes, no network. PyTorch must be installed; anything else travels as wheels in
-# ./.whl (installed offline first). Each step has its own time limit; every step's log and table
-# goes to OUT_DIR, and OUT_DIR/summary.txt has one line per step with its exit code and seconds.
-#   1. the CUDA test subset: grouped experts (bf16, no host sync), flex vs dense attention
-#      (forward and gradients), compile and recompute, FP8 backends;
-#   2. benchmarks/bench_model.py on CUDA in bf16 (the ~1B-activated size, medium, and medium on one
-#      row of 2048 and 4096 tokens: attention memory at L and 2L), moepipe
-#      against torchtitan's DeepSeek-V3 model when torchtitan travels as a wheel (else moepipe
-#      rows only, the reason printed with the table);
-#   3. benchmarks/bench_fp8.py --quick.
-# --cpu runs the same plumbing at tiny sizes on the CPU (CI keeps it from rotting).
+# The prepared GPU check: what one H100/H200 session (15 minutes with start-up, at most 10 per
+# command, 8 files back, no network) should run first. Steps in order of value, each under its own
+# time limit (the limits sum to at most 8 minutes; `--plan` prints them):
+#   env           torch.__version__, CUDA, GPU name and capability, written first to OUT/env.txt;
+#   model_b1      bench_model.py at the ~1.4B-activated size (the one size that measures the GPU
+#                 rather than Python overhead): moepipe against torchtitan when it imports with this
+#                 torch, else against the same model in plain eager PyTorch (per-expert loop, SDPA);
+#                 MFU against the GPU's dense bf16 peak;
+#   fp8_e2e       bench_fp8.py end to end, BF16 vs FP8 without Transformer Engine (rowwise through
+#                 torch._scaled_grouped_mm, blockwise through scaled_mm), eager, warm-up untimed;
+#   device_step   device_step.py: one training step with FP8 on, the expert all-to-all dispatcher
+#                 forced through NCCL on a world of one;
+#   tests         the CUDA tests: a whole step under torch.cuda.set_sync_debug_mode("error"),
+#                 grouped experts, flex vs dense attention, FP8 backends;
+#   model_medium  bench_model.py at the medium size.
+# Output is unbuffered and every benchmark appends each table row to OUT the moment it is
+# measured, so a step killed by its limit still returns what it measured. OUT holds at most 8
+# files: env.txt, summary.txt (one line per step: exit code, limit, seconds), bench_model.md,
+# bench_fp8.md, device_step.md and logs.tar.gz (every step's log, re-packed after each step).
+# Wheels in ./.whl (e.g. torchtitan and its imports) are installed offline first when present.
+# --cpu runs the same steps at tiny sizes on the CPU (tests/unit/test_gpu_check.py keeps it working).
 #
-#   bash benchmarks/gpu_check.sh [--cpu] [OUT_DIR]      (default OUT_DIR: gpu_check_out)
+#   bash benchmarks/gpu_check.sh [--cpu | --plan] [OUT_DIR]      (default OUT_DIR: gpu_check_out)
 set -uo pipefail
 
 MODE=cuda
-if [ "${1:-}" = "--cpu" ]; then MODE=cpu; shift; fi
-OUT=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
+case "${1:-}" in
+    --cpu) MODE=cpu; shift ;;
+    --plan) MODE=plan; shift ;;
+esac
+export PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-: > "$OUT/summary.txt"
+BUDGET=480   # seconds: the step limits of a CUDA run sum to at most this
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
-    local name=$1 limit=$2 start rc
-    shift 2
-    start=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    echo "$name rc=$rc ${limit}s-limit $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+NAMES=() LIMITS=() CMDS=()
+add() {  # add NAME LIMIT COMMAND: one step
+    NAMES+=("$1") LIMITS+=("$2") CMDS+=("$3")
 }
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    step wheels 30 python -m pip install --no-index --no-deps .whl/*.whl
-fi
-python -c "import torch; print(torch.__version__, torch.cuda.is_available())" > "$OUT/env.txt" 2>&1
-
 if [ "$MODE" = cpu ]; then
-    step tests 120 python -m pytest -q -x -p no:cacheprovider tests/unit/test_moe.py::test_grouped_gemm_equals_the_expert_loop_on_cpu \
-        tests/unit/test_attention_paths.py::test_flex_forward_equals_dense_on_cpu
-    step bench_model 120 python benchmarks/bench_model.py --size micro --rounds 1 --device cpu --out "$OUT"
-    step bench_fp8 120 python benchmarks/bench_fp8.py --device cpu --no-compile --skip step \
-        --model-config configs/tiny.yaml --set data.seq_len=32 model.max_seq_len=32
+    MICRO="--set data.seq_len=32 model.max_seq_len=32 train.micro_batch_size=1 model.vocab_size=512 data.tokenizer=bpe:512"
+    add env 30 "python benchmarks/gpu_env.py cpu"
+    add model_b1 240 "python benchmarks/bench_model.py --size micro --rounds 1 --device cpu --no-memory --out \$OUT"
+    add fp8_e2e 240 "python benchmarks/bench_fp8.py --device cpu --no-compile --skip gemm --model-config configs/tiny.yaml $MICRO --out \$OUT/bench_fp8.md"
+    add device_step 240 "python benchmarks/device_step.py --device cpu --fp8 auto --out \$OUT/device_step.md --set model.num_layers=2 data.seq_len=32"
+    add tests 240 "python -m pytest -q -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_collective_sites.py tests/unit/test_moe.py::test_grouped_gemm_equals_the_expert_loop_on_cpu tests/unit/test_attention_paths.py::test_flex_forward_equals_dense_on_cpu"
+    add model_medium 240 "python benchmarks/bench_model.py --size micro --models moepipe moepipe-loop --rounds 1 --device cpu --no-memory --out \$OUT"
 else
-    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    step tests 150 python -m pytest -q -p no:cacheprovider tests/unit/test_moe.py tests/unit/test_attention_paths.py \
-        tests/unit/test_block_policies.py tests/unit/test_fp8_backends.py tests/unit/test_fp8_emulate.py
-    step bench_model 190 python benchmarks/bench_model.py --size b1 medium medium-2k medium-4k --rounds 4 --out "$OUT"
-    step bench_fp8 140 python benchmarks/bench_fp8.py --quick
+    if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+        add wheels 20 "python -m pip install --no-index --no-deps .whl/*.whl"
+    fi
+    add env 15 "python benchmarks/gpu_env.py cuda && nvidia-smi"
+    add model_b1 160 "python benchmarks/bench_model.py --size b1 --rounds 3 --models moepipe torchtitan --out \$OUT"
+    add fp8_e2e 100 "python benchmarks/bench_fp8.py --quick --skip gemm grouped --no-compile --recipes rowwise blockwise --out \$OUT/bench_fp8.md"
+    add device_step 50 "python benchmarks/device_step.py --device cuda --fp8 rowwise --out \$OUT/device_step.md"
+    add tests 80 "python -m pytest -q -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_moe.py tests/unit/test_attention_paths.py tests/unit/test_fp8_backends.py"
+    add model_medium 55 "python benchmarks/bench_model.py --size medium --rounds 3 --models moepipe torchtitan --out \$OUT"
 fi
-cp "$OUT/bench_fp8.log" "$OUT/bench_fp8.md" 2>/dev/null
+
+TOTAL=0
+for limit in "${LIMITS[@]}"; do TOTAL=$((TOTAL + limit)); done
+if [ "$MODE" = plan ]; then
+    for i in "${!NAMES[@]}"; do printf '%-13s %4ss  %s\n' "${NAMES[$i]}" "${LIMITS[$i]}" "${CMDS[$i]}"; done
+    echo "total ${TOTAL}s of a ${BUDGET}s budget"
+    [ "$TOTAL" -le "$BUDGET" ]
+    exit
+fi
+
+OUT=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
+export OUT
+LOGS=$(mktemp -d)
+cd "$ROOT"
+: > "$OUT/summary.txt"
+for i in "${!NAMES[@]}"; do
+    name=${NAMES[$i]} limit=${LIMITS[$i]}
+    start=$(date +%s)
+    timeout "$limit" bash -c "${CMDS[$i]}" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    [ "$name" = env ] && cp "$LOGS/env.log" "$OUT/env.txt"
+    echo "$name rc=$rc ${limit}s-limit $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+    tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
+done
+rm -rf "$LOGS"
 ! grep -qv " rc=0 " "$OUT/summary.txt"

@@ -16,6 +16,7 @@ C kv_lora_rank.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +25,20 @@ from torch import Tensor, nn
 from model.layers import RMSNorm, apply_rope
 
 
-_FLEX = []
+def flex_attention(device: torch.device):
+    """flex_attention for tensors on `device`: compiled on CUDA (eager flex is a slow reference),
+    eager elsewhere. Chosen by the tensors' device, not by whether a GPU exists: the compiled CPU
+    kernel is not the path the dense CPU route was checked against (it gave wrong numbers with
+    two threads in a trial)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if device.type == "cuda":
+        return _compiled_flex(flex)
+    return flex
 
 
-def flex_attention():
-    """flex_attention, compiled once per process on CUDA (eager flex is a slow reference)."""
-    if not _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention as flex
-        _FLEX.append(torch.compile(flex, dynamic=False) if torch.cuda.is_available() else flex)
-    return _FLEX[0]
+@functools.cache
+def _compiled_flex(flex):
+    return torch.compile(flex, dynamic=False)
 
 
 def dense_attention(q_BHLK: Tensor, k_BHLK: Tensor, v_BHLV: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -100,7 +106,7 @@ class MLA(nn.Module):
         k_BLHK = torch.cat([k_nope, k_rope_BLR[:, :, None, :].expand(B, L, self.H, self.R)], dim=-1)
         q, k, v = q_BLHK.transpose(1, 2), k_BLHK.transpose(1, 2), v_BLHV.transpose(1, 2)
         if ctx.block_mask is not None:
-            out = flex_attention()(q, k, v, block_mask=ctx.block_mask, scale=self.scale)
+            out = flex_attention(q.device)(q, k, v, block_mask=ctx.block_mask, scale=self.scale)
         else:
             out = dense_attention(q, k, v, ctx.mask, self.scale)
         return self.wo(out.transpose(1, 2).reshape(B, L, self.H * self.V))

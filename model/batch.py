@@ -34,8 +34,18 @@ class Batch:
     step_counts: Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+        """On `device`; host tensors bound for a GPU go through pinned memory without blocking
+        (the copy is ordered before any kernel that reads it on the current stream)."""
+        device = torch.device(device)
+        move = (lambda t: _to_cuda(t, device)) if device.type == "cuda" else (lambda t: t.to(device))
+        return Batch(**{f.name: None if getattr(self, f.name) is None else move(getattr(self, f.name))
                         for f in fields(self)})
+
+
+def _to_cuda(t: Tensor, device: torch.device) -> Tensor:
+    if t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 

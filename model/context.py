@@ -82,14 +82,24 @@ def attention_path(device: torch.device, requested: str = "auto") -> str:
     return "flex" if device.type == "cuda" else "dense"
 
 
+def check_positions(positions_BL: Tensor, table_len: int) -> None:
+    """Raise when a position reaches past the RoPE tables, without a host sync on the common path:
+    positions restart per document, so rows no longer than the tables cannot reach past them
+    (training rows are at most data.seq_len <= model.max_seq_len). Longer rows are read once."""
+    if positions_BL.shape[-1] <= table_len or not positions_BL.numel():
+        return
+    top = int(positions_BL.max())
+    if top >= table_len:
+        raise ValueError(f"a document position reaches {top} but model.max_seq_len = "
+                         f"{table_len}; raise model.max_seq_len or shorten the sequences")
+
+
 def make_context(batch, cos_table: Tensor, sin_table: Tensor, n_moe_layers: int, num_experts: int,
                  attention: str = "auto") -> Context:
     """Build the context of one batch from the model's RoPE tables [max_len, r]."""
+    check_positions(batch.positions, cos_table.shape[0])
     pos = batch.positions.to(cos_table.device)
     seg = batch.segment_ids.to(cos_table.device)
-    if pos.numel() and int(pos.max()) >= cos_table.shape[0]:
-        raise ValueError(f"a document position reaches {int(pos.max())} but model.max_seq_len = "
-                         f"{cos_table.shape[0]}; raise model.max_seq_len or shorten the sequences")
     path = attention_path(seg.device, attention)
     return Context(
         positions=pos, segment_ids=seg, cos=cos_table[pos], sin=sin_table[pos],

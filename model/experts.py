@@ -11,9 +11,8 @@ offsets to the host), on CPU in the input's dtype. `expert_loop` is the plain pe
 kept as the reference the tests compare against.
 
 A `Dispatcher` moves token copies to their experts and back: `dispatch` returns the rows sorted
-by (local) expert with one count per local expert (a device tensor for the single-rank
-dispatcher; a host list under expert parallelism, where the all-to-all split sizes need the
-host anyway), `combine` weights the expert outputs by their
+by (local) expert with one count per local expert (a device tensor for both dispatchers; host
+lists are accepted too), `combine` weights the expert outputs by their
 gates and sums them back per token. `LocalDispatcher` is the single-rank one (a stable sort of the
 (token, slot) pairs by expert, nothing dropped); the expert-parallel all-to-all dispatcher lives in
 `parallel/expert.py` and follows the same protocol.

@@ -6,7 +6,7 @@ master copy and AdamW moments. Per step:
   1. gradients are reduce-scattered in buckets (flat fp32 buffers, issued asynchronously), so each
      rank receives the summed gradient of its shard only;
   2. the global gradient norm is the sum of every rank's shard norms, clipping scales all shards;
-  3. each rank runs AdamW (`parallel.adamw.adamw_update_`, the single-process arithmetic) on its
+  3. each rank runs AdamW (`parallel.adamw.adamw_step_`, the single-process arithmetic) on its
      shard, then the shards are all-gathered back into the parameters.
 Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
 only over the expert-data-parallel group (edp = dp / ep). Both are multiplied by `grad_scale`:
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel.expert import expert_shards
-from parallel.adamw import adamw_update_
+from parallel.adamw import adamw_step_
 from parallel.sharded_state import FlatChunks
 
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -219,10 +219,11 @@ class ZeroAdamW:
         if self.grad_clip > 0:
             coef = min(1.0, self.grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
         self.step_count += 1
-        for b in self.buckets:
-            g = b.grad.mul_(coef) if coef != 1.0 else b.grad
-            adamw_update_(b.master, g, b.exp_avg, b.exp_avg_sq, self.step_count, lr,
-                          self.betas[0], self.betas[1], self.eps, b.weight_decay)
+        bs = self.buckets
+        grads = [b.grad.mul_(coef) if coef != 1.0 else b.grad for b in bs]
+        adamw_step_([b.master for b in bs], grads, [b.exp_avg for b in bs], [b.exp_avg_sq for b in bs],
+                    [b.weight_decay for b in bs], self.step_count, lr, self.betas[0], self.betas[1], self.eps)
+        for b in bs:
             b.grad = None
         self._gather_params()
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallel.expert_comm import CommStats, PendingExchange, start_exchange
+from parallel.expert_comm import CommStats, PendingExchange, exchange_counts
 from parallel.steps import Started
 
 
@@ -75,30 +75,45 @@ def finish_exchange(pending: PendingExchange) -> list[Tensor]:
     return pending.finish()
 
 
-def route_pairs(ids_RK: Tensor, member_of_expert: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+def member_loads(ids_RK: Tensor, member_of_expert: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(dest_RK, n_RP): the member each (row, slot) goes to (`size` for masked slots) and how many
+    of a row's experts each member holds."""
+    valid = ids_RK >= 0
+    dest_RK = torch.where(valid, member_of_expert[ids_RK.clamp(min=0).long()], size).long()
+    n_RP = torch.zeros(ids_RK.shape[0], size + 1, dtype=torch.int64, device=ids_RK.device)
+    n_RP.scatter_add_(1, dest_RK, torch.ones_like(dest_RK))
+    return dest_RK, n_RP[:, :size]
+
+
+def first_true(flags: Tensor, n: int) -> Tensor:
+    """Flat indices of the first `n` True entries of `flags`, in order: `nonzero` without its
+    host sync, since the caller already knows how many there are."""
+    return torch.argsort((~flags.reshape(-1)).to(torch.int8), stable=True)[:n]
+
+
+def route_pairs(ids_RK: Tensor, dest_RK: Tensor, hit_RP: Tensor, pairs: int) -> tuple[Tensor, Tensor, Tensor]:
     """(member_M, row_M, ids_MK): one pair per (row, member holding >= 1 of its experts), by member.
 
-    ids_MK keeps the row's expert ids that live on that member and masks the others with -1.
+    `pairs` = hit_RP.sum() (known on the host from the count exchange). ids_MK keeps the row's
+    expert ids that live on that member and masks the others with -1.
     """
     R = ids_RK.shape[0]
-    valid = ids_RK >= 0
-    dest_RK = torch.where(valid, member_of_expert[ids_RK.clamp(min=0).long()], size)
-    hit = torch.zeros(R, size + 1, dtype=torch.bool, device=ids_RK.device)
-    hit.scatter_(1, dest_RK, True)
-    member_M, row_M = hit[:, :size].t().nonzero(as_tuple=True)
+    flat_M = first_true(hit_RP.t(), pairs)
+    member_M, row_M = flat_M // R, flat_M % R
     ids_MK = torch.where(dest_RK[row_M] == member_M[:, None], ids_RK[row_M], -1)
     return member_M, row_M, ids_MK
 
 
-def build_hops(num_experts: int, topology, node_limited: bool) -> list[Hop]:
-    """The hops of one dispatch for this rank; hops over a group of one are left out."""
+def build_hops(num_experts: int, topology, node_limited: bool, force_exchange: bool = False) -> list[Hop]:
+    """The hops of one dispatch for this rank; hops over a group of one are left out unless
+    `force_exchange` (a world of one driven through the all-to-all, as a device check)."""
     ep, G, N = topology.ep, topology.ep_intra_size, topology.ep_nodes
     e_loc = num_experts // ep
     rank_of_E = torch.arange(num_experts) // e_loc
     my_node, my_local = topology.ep_rank // G, topology.ep_rank % G
     if not node_limited or N == 1 or G == 1:
         hop = Hop(topology.group("ep"), ep, topology.ep_rank, rank_of_E, [j // G != my_node for j in range(ep)])
-        return [hop] if ep > 1 else []
+        return [hop] if ep > 1 or (force_exchange and hop.group is not None) else []
     inter = Hop(topology.group("ep_inter"), N, my_node, rank_of_E // G, [n != my_node for n in range(N)])
     intra = Hop(topology.group("ep_intra"), G, my_local, rank_of_E % G, [False] * G)
     return [inter, intra]
@@ -107,13 +122,13 @@ def build_hops(num_experts: int, topology, node_limited: bool) -> list[Hop]:
 class AllToAllDispatcher:
     """The expert-parallel Dispatcher (protocol in model/experts.py); one instance per model."""
 
-    def __init__(self, num_experts: int, topology, node_limited: bool = True):
+    def __init__(self, num_experts: int, topology, node_limited: bool = True, force_exchange: bool = False):
         if num_experts % topology.ep:
             raise ValueError(f"moe.num_experts = {num_experts}: must be divisible by parallel.ep ({topology.ep})")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // topology.ep
         self.expert_offset = topology.ep_rank * self.num_local_experts
-        self.hops = build_hops(num_experts, topology, node_limited)
+        self.hops = build_hops(num_experts, topology, node_limited, force_exchange)
         self.stats = CommStats()
 
     # ---- contract
@@ -131,28 +146,37 @@ class AllToAllDispatcher:
 
     # ---- the steps; each `yield` is a point where an exchange is in flight
     def dispatch_steps(self, x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, finish=finish_exchange):
-        """Step generator of `dispatch`; yields each exchange right after issuing it."""
+        """Step generator of `dispatch`; yields each exchange right after issuing it.
+
+        One host sync per hop (the count exchange); the counts per local expert stay on the device."""
         ids_RK, w_RK = ids_RK.to(torch.int32), w_RK.float()
         K, D = ids_RK.shape[1], x_RD.shape[1]
         row_bytes = D * x_RD.element_size() + K * (w_RK.element_size() + ids_RK.element_size())
-        trail = []
+        trail, slots = [], ids_RK.numel()
         for hop in self.hops:
-            member_M, row_M, ids_MK = route_pairs(ids_RK, hop.member_of_expert.to(ids_RK.device), hop.size)
-            counts = torch.bincount(member_M, minlength=hop.size).tolist()
-            self.stats.add(counts, row_bytes, hop.cross, hop.me, rows=True)
-            pending = start_exchange([x_RD[row_M], w_RK[row_M], ids_MK], counts, hop.group)
+            dest_RK, n_RP = member_loads(ids_RK, hop.member_of_expert.to(ids_RK.device), hop.size)
+            hit_RP = n_RP > 0
+            sent, recv = exchange_counts(torch.stack([hit_RP.sum(0), n_RP.sum(0)], dim=1), hop.group)
+            send_rows, recv_rows = [c[0] for c in sent], [c[0] for c in recv]
+            slots = sum(c[1] for c in recv)        # (row, slot) pairs that arrive, if this is the last hop
+            member_M, row_M, ids_MK = route_pairs(ids_RK, dest_RK, hit_RP, sum(send_rows))
+            self.stats.add(send_rows, row_bytes, hop.cross, hop.me, rows=True)
+            pending = PendingExchange([x_RD[row_M], w_RK[row_M], ids_MK], send_rows, recv_rows, hop.group)
             yield pending
             rows_before = x_RD.shape[0]
             x_RD, w_RK, ids_RK = finish(pending)
-            trail.append(_HopTrail(hop, row_M, rows_before, counts, pending.recv_counts))
-        row_S, k_S = (ids_RK >= 0).nonzero(as_tuple=True)
+            trail.append(_HopTrail(hop, row_M, rows_before, send_rows, recv_rows))
+        flat_S = first_true(ids_RK >= 0, slots)
+        row_S, k_S = flat_S // K, flat_S % K
         local_S = ids_RK[row_S, k_S].long() - self.expert_offset
-        assert bool(((local_S >= 0) & (local_S < self.num_local_experts)).all()), "a row reached the wrong rank"
+        torch._assert_async(((local_S >= 0) & (local_S < self.num_local_experts)).all(), "a row reached the wrong rank")
         order = torch.argsort(local_S, stable=True)
         row_S, k_S = row_S[order], k_S[order]
-        counts = torch.bincount(local_S, minlength=self.num_local_experts).tolist()
+        # a scatter-add, not bincount: CUDA bincount reads the max id on the host
+        counts_E = torch.zeros(self.num_local_experts, dtype=torch.int64, device=local_S.device)
+        counts_E.index_add_(0, local_S, torch.ones_like(local_S))
         state = DispatchState(trail, row_S, k_S, w_RK, x_RD.shape[0])
-        return x_RD[row_S], counts, state
+        return x_RD[row_S], counts_E, state
 
     def combine_steps(self, y_SD: Tensor, state: DispatchState, finish=finish_exchange):
         """Step generator of `combine`; yields each exchange right after issuing it."""
@@ -187,7 +211,8 @@ def _shard_experts(experts: nn.Module, num_experts: int, offset: int, n_local: i
     experts.num_experts, experts.expert_offset = n_local, offset
 
 
-def parallelize_experts(model: nn.Module, topology, node_limited: bool = True) -> AllToAllDispatcher:
+def parallelize_experts(model: nn.Module, topology, node_limited: bool = True,
+                        force_exchange: bool = False) -> AllToAllDispatcher:
     """Keep only this ep rank's experts in every MoE layer and install the all-to-all dispatcher.
 
     Parameter names are unchanged (`layers.3.moe.experts.w_gate` now holds rows
@@ -197,7 +222,7 @@ def parallelize_experts(model: nn.Module, topology, node_limited: bool = True) -
     if not moes:
         raise ValueError("parallelize_experts: the model has no MoE layer (model.first_k_dense = num_layers?)")
     num_experts = moes[0][1].moe.num_experts
-    dispatcher = AllToAllDispatcher(num_experts, topology, node_limited)
+    dispatcher = AllToAllDispatcher(num_experts, topology, node_limited, force_exchange)
     for _, moe in moes:
         _shard_experts(moe.experts, num_experts, dispatcher.expert_offset, dispatcher.num_local_experts)
         moe.set_dispatcher(dispatcher)

@@ -1,9 +1,10 @@
 """Autograd-aware, asynchronous uneven all-to-all: the one communication primitive of EP.
 
 Expert parallelism (DeepSeek-V3 section 3.2.2) moves token rows between ranks with
-`all_to_all_single` and uneven splits. `start_exchange` exchanges the per-destination row counts
-(synchronously: they size the receive buffers), then issues the row exchange with
-`async_op=True` and returns a `PendingExchange`; `finish()` waits and attaches the result to
+`all_to_all_single` and uneven splits. `exchange_counts` exchanges the per-destination row counts
+on the rows' device (NCCL takes device tensors only) and reads them on the host once (they size
+the receive buffers: the one host sync of a hop); a `PendingExchange` then issues the row exchange
+with `async_op=True` (`start_exchange` does both); `finish()` waits and attaches the result to
 autograd through `_ExchangeFn`, whose backward is the same exchange with the splits swapped.
 Several tensors with the same rows (activations, gate weights, expert ids) travel in one
 exchange so that the backward issues its collectives in one fixed order on every rank.
@@ -46,14 +47,20 @@ class CommStats:
         self.cross_node_rows = self.intra_node_rows = self.cross_node_bytes = self.intra_node_bytes = 0
 
 
-def exchange_counts(send_counts: list[int], group) -> list[int]:
-    """Each member tells every other how many rows it will send it (one tiny all-to-all)."""
+def exchange_counts(send_PC: Tensor, group) -> tuple[list[list[int]], list[list[int]]]:
+    """Each member tells every other how many rows (and per-row extras, C columns) it will send it.
+
+    `send_PC` [P, C] int64 lives on the device of the rows: an NCCL group takes device tensors
+    only, so counts built on the host would be refused there. One tiny all-to-all, then one host
+    read of what was sent and what will arrive: the one sync per hop that sizes the receive
+    buffers. Returns (sent, received) as [P][C] lists."""
     if group is None:
-        return list(send_counts)
-    send = torch.tensor(send_counts, dtype=torch.int64)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.tolist()
+        sent = send_PC.tolist()
+        return sent, sent
+    recv_PC = torch.empty_like(send_PC)
+    dist.all_to_all_single(recv_PC, send_PC.contiguous(), group=group)
+    both = torch.stack([send_PC, recv_PC]).tolist()
+    return both[0], both[1]
 
 
 def _a2a(send: Tensor, send_counts: list[int], recv_counts: list[int], group, async_op: bool):
@@ -118,7 +125,8 @@ class _ExchangeFn(torch.autograd.Function):
 
 
 def start_exchange(tensors: list[Tensor], send_counts: list[int], group) -> PendingExchange:
-    """Exchange counts (blocking), then issue the row exchange of every tensor (non-blocking)."""
-    recv_counts = exchange_counts(send_counts, group)
-    return PendingExchange(tensors, send_counts, recv_counts, group)
-
+    """Exchange counts (blocking, on the rows' device), then issue the row exchange of every
+    tensor (non-blocking)."""
+    send_P1 = torch.tensor(send_counts, dtype=torch.int64).to(tensors[0].device)[:, None]
+    _, recv = exchange_counts(send_P1, group)
+    return PendingExchange(tensors, list(send_counts), [r[0] for r in recv], group)

@@ -81,7 +81,7 @@ class _EmulatedLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_TK, w_NK)
         ctx.spec, ctx.x_shape = spec, x.shape
         y_TN = fprop(x_TK, w_NK, spec)
-        return y_TN.to(x.dtype).view(*x.shape[:-1], w_NK.shape[0])
+        return y_TN.to(quant.result_dtype(x)).view(*x.shape[:-1], w_NK.shape[0])
 
     @staticmethod
     def backward(ctx, dy):

@@ -52,6 +52,11 @@ def in_fp8(cfg, num_layers: int, kind: str, layer: int | None) -> bool:
     return True
 
 
+def host_counts(counts) -> list[int]:
+    """Per-expert row counts as a host list: one device read for a tensor."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else [int(c) for c in counts]
+
+
 class FP8GroupedExperts(GroupedExperts):
     """GroupedExperts whose GEMMs run in FP8: per expert through `linear(x, w) -> x @ w.T`, or,
     with `grouped` (torch backend, rowwise, CUDA), all experts in one `torch._scaled_grouped_mm`
@@ -74,14 +79,17 @@ class FP8GroupedExperts(GroupedExperts):
         if self.grouped:
             counts_E = self._counts_tensor(counts, x_SD.device)
             return grouped_fp8_swiglu(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, self.pow2)
-        counts = [int(c) for c in counts]
+        counts = host_counts(counts)         # one host read per layer, not one per expert
         if len(counts) != self.num_experts or sum(counts) != x_SD.shape[0]:
             raise ValueError(f"counts {counts} do not match {self.num_experts} experts and {x_SD.shape[0]} rows")
         outs = []
-        for e, x_e in enumerate(torch.split(x_SD, counts)):
+        # unbind, not w[e]: the backward of w[e] builds a zero tensor the size of the whole [E,F,D]
+        # weight for every expert; unbind's backward stacks the E gradients once
+        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
+        for x_e, (w_gate, w_up, w_down) in zip(torch.split(x_SD, counts), weights):
             # empty slices still run, as in GroupedExperts, so every expert gets a (zero) gradient
-            h = F.silu(self.linear(x_e, self.w_gate[e])) * self.linear(x_e, self.w_up[e])
-            outs.append(self.linear(h, self.w_down[e]))
+            h = F.silu(self.linear(x_e, w_gate)) * self.linear(x_e, w_up)
+            outs.append(self.linear(h, w_down))
         return torch.cat(outs, dim=0)
 
     def extra_repr(self) -> str:

@@ -46,6 +46,16 @@ class Quantized:
         return self.data.float() * s[:R, :C]
 
 
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an FP8 Linear hands back: the autocast dtype when autocast is on for x's device
+    (as a plain Linear under autocast would), else x's own. Under bf16 autocast the residual
+    stream is fp32; returning x.dtype would run everything after the projection in fp32."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def compute_scale(amax: torch.Tensor, fp8_max: float, pow2: bool) -> torch.Tensor:
     """Dequantization scale per tile: amax / fp8_max (rounded up to 2^k if pow2); 1 for all-zero tiles."""
     tiny = torch.finfo(torch.float32).tiny

@@ -130,11 +130,19 @@ def align_rows(recipe: str) -> int:
 def padded_index(counts: list[int], multiple: int) -> tuple[list[int], torch.Tensor]:
     """Per-expert counts rounded up to `multiple`, and the padded row of every real row [S]."""
     padded = [-(-c // multiple) * multiple for c in counts]
-    rows, start = [], 0
-    for c, p in zip(counts, padded):
-        rows.append(torch.arange(start, start + c))
-        start += p
-    return padded, (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long))
+    # real row i of expert e lands at (padded start of e) + (i - real start of e): one vector op
+    shift = torch.tensor([p_start - c_start for p_start, c_start in zip(_starts(padded), _starts(counts))],
+                         dtype=torch.long)
+    rows = torch.arange(sum(counts)) + torch.repeat_interleave(shift, torch.tensor(counts, dtype=torch.long))
+    return padded, rows
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
 
 
 class TEGroupedExperts(nn.Module):
@@ -162,7 +170,7 @@ class TEGroupedExperts(nn.Module):
         self.register_load_state_dict_pre_hook(_from_contract_names)
 
     def forward(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
-        counts = [int(c) for c in counts]
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else [int(c) for c in counts]  # one read
         padded, rows_S = padded_index(counts, self.multiple)
         rows_S = rows_S.to(x_SD.device)
         x_PD = x_SD.new_zeros(sum(padded), self.hidden).index_copy(0, rows_S, x_SD)

@@ -92,7 +92,7 @@ class _GroupedFP8Linear(torch.autograd.Function):
     def forward(ctx, x_PK, w_ENK, offsets_E, expert_P, pow2):
         ctx.save_for_backward(x_PK, w_ENK, offsets_E, expert_P)
         ctx.pow2 = pow2
-        return _fprop(x_PK, w_ENK, offsets_E, pow2).to(x_PK.dtype)
+        return _fprop(x_PK, w_ENK, offsets_E, pow2).to(quant.result_dtype(x_PK))
 
     @staticmethod
     def backward(ctx, dy_PN):

@@ -84,8 +84,9 @@ class _ScaledMMLinearFn(torch.autograd.Function):
         x_TK = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x_TK, w_NK)
         ctx.mode, ctx.pow2, ctx.x_shape = mode, pow2, x.shape
-        y = scaled_gemm(x_TK, w_NK, mode, b_is_weight=True, pow2=pow2, out_dtype=_out_dtype(x))
-        return y.to(x.dtype).view(*x.shape[:-1], w_NK.shape[0])
+        out = quant.result_dtype(x)
+        y = scaled_gemm(x_TK, w_NK, mode, b_is_weight=True, pow2=pow2, out_dtype=_out_dtype(out))
+        return y.to(out).view(*x.shape[:-1], w_NK.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -94,7 +95,7 @@ class _ScaledMMLinearFn(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:   # Dgrad: dx = dy @ W, K = N; W re-read as [K_in, N] rows
             dx = scaled_gemm(dy_TN, w_NK.T, ctx.mode, b_is_weight=True, pow2=ctx.pow2,
-                             out_dtype=_out_dtype(dy)).to(x_TK.dtype).view(ctx.x_shape)
+                             out_dtype=_out_dtype(dy.dtype)).to(x_TK.dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:   # Wgrad: dW = dy.T @ x, K = T tokens
             dw = scaled_gemm(dy_TN.T, x_TK.T, ctx.mode, b_is_weight=False, pow2=ctx.pow2,
                              out_dtype=torch.float32 if ctx.mode == "tensorwise" else torch.bfloat16)
@@ -102,8 +103,8 @@ class _ScaledMMLinearFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _out_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def scaled_mm_linear(x: torch.Tensor, w_NK: torch.Tensor, mode: str, pow2: bool = True) -> torch.Tensor:

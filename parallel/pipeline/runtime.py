@@ -304,10 +304,8 @@ class PipelineRuntime:
 
 def shape_header(t: Tensor) -> Tensor:
     """int64 [ndim, dtype, dims...] of `t`, on its device: what a receiver needs for its buffer."""
-    header = torch.zeros(_HEADER, dtype=torch.int64)
-    header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
-    header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    return header.to(t.device)
+    header = [t.dim(), _DTYPES.index(t.dtype), *t.shape]
+    return torch.tensor(header + [0] * (_HEADER - len(header)), dtype=torch.int64, device=t.device)
 
 
 def header_meta(header: Tensor) -> tuple[tuple[int, ...], torch.dtype]:

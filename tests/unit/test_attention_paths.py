@@ -5,7 +5,7 @@ softmax in fp64 on packed rows with several documents, forward and gradients."""
 import pytest
 import torch
 
-from model.attention import MLA, dense_attention
+from model.attention import MLA, dense_attention, flex_attention
 from model.batch import make_batch
 from model.context import additive_mask, attention_mask, attention_path, make_context
 from model.layers import rope_tables
@@ -15,16 +15,23 @@ from trainer.config import load_config
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _setup(device, L=40, dtype=torch.float32):
-    # q/k head dim 8 + 8 = 16, v head dim 8: MLA's differing head dims
+# (nope, rope, v) head dims. CPU: q/k 8 + 8 = 16, v 8 (MLA's differing head dims). CUDA: inductor's
+# flex lowering needs every head dim >= 16 (it raises NotImplementedError below), so q/k 32, v 16.
+CPU_DIMS, CUDA_DIMS = (8, 8, 8), (16, 16, 16)
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _setup(device, L=40, dtype=torch.float32, dims=CPU_DIMS):
+    nope, rope, v = dims
     cfg = load_config(None, ["model.hidden_size=32", "model.max_seq_len=64", "data.seq_len=64",
                              "attention.num_heads=2", "attention.kv_lora_rank=16", "attention.q_lora_rank=16",
-                             "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=8", "attention.v_head_dim=8"])
+                             f"attention.qk_nope_head_dim={nope}", f"attention.qk_rope_head_dim={rope}",
+                             f"attention.v_head_dim={v}"])
     torch.manual_seed(0)
     mla = MLA(LayerProvider(), 32, cfg.attention, eps=1e-6, layer=0).to(device, dtype)
     # three documents and padding in row 0, one document in row 1
     batch = make_batch(torch.zeros(2, L, dtype=torch.long), [[13, 20, 3], [L]])
-    cos, sin = rope_tables(8, 64, cfg.attention.rope_theta, device=device)
+    cos, sin = rope_tables(rope, 64, cfg.attention.rope_theta, device=device)
     x = torch.randn(2, L, 32, device=device, dtype=dtype)
     ctxs = {p: make_context(batch, cos, sin, 0, 1, attention=p) for p in ("dense", "flex")}
     return mla, x, ctxs
@@ -67,9 +74,33 @@ def test_flex_forward_equals_dense_on_cpu():
     torch.testing.assert_close(flex[valid], dense[valid], rtol=1e-5, atol=1e-6)
 
 
+def test_cuda_flex_case_uses_head_dims_the_flex_lowering_accepts():
+    nope, rope, v = CUDA_DIMS
+    assert min(nope + rope, v) >= FLEX_MIN_HEAD_DIM and nope + rope != v
+
+
+def test_cpu_tensors_take_eager_flex_even_when_a_gpu_exists(monkeypatch):
+    """The compiled flex kernel is for CUDA tensors; a CPU tensor on a GPU machine stays eager."""
+    compiled = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = torch.compile
+
+    def record(fn, **kw):   # eager flex itself compiles with backend="eager"; inductor is the CUDA kernel
+        if kw.get("backend", "inductor") == "inductor":
+            compiled.append(fn)
+        return real(fn, **kw)
+    monkeypatch.setattr(torch, "compile", record)
+    mla, x, ctxs = _setup("cpu")
+    with torch.no_grad():
+        mla(x, ctxs["flex"])
+    assert compiled == []
+    from torch.nn.attention.flex_attention import flex_attention as eager
+    assert flex_attention(torch.device("cpu")) is eager
+
+
 @cuda
 def test_flex_forward_and_gradients_equal_dense_on_cuda():
-    mla, x, ctxs = _setup("cuda", L=300)
+    mla, x, ctxs = _setup("cuda", L=300, dims=CUDA_DIMS)
     x.requires_grad_(True)
     valid = ctxs["dense"].valid
     outs, grads = [], []

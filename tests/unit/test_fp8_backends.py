@@ -310,3 +310,20 @@ def test_torch_provider_uses_the_grouped_kernel_only_where_it_exists():
     p = make_provider(cfg(backend="torch", recipe="rowwise"), num_layers=4, backend="torch")
     experts = p.grouped_experts(4, 64, 32, layer=1)
     assert experts.path == ("scaled_grouped_mm" if torch.cuda.is_available() else "per-expert loop")
+
+
+# ---------------------------------------------------------------- output dtype under autocast
+@pytest.mark.parametrize("backend", ["emulate", "torch"])
+def test_fp8_linear_returns_the_autocast_dtype(backend):
+    """Under bf16 autocast the residual stream is fp32: an FP8 projection must hand bf16 on, as a
+    plain Linear does, or attention after it runs in fp32. Gradients keep the input's dtype."""
+    p = make_provider(cfg(backend=backend, recipe="rowwise"), num_layers=4, backend=backend)
+    lin = p.linear(64, 48, kind="mlp", layer=1)
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        plain = torch.nn.functional.linear(x, lin.weight)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32
+    assert lin(x).dtype == torch.float32            # autocast off: the input's dtype
