@@ -135,11 +135,11 @@ def _nbytes(tensors) -> int:
 def train_step(run, lr: float, saved: SavedBytes | None = None) -> int:
     """One optimizer step through the trainer; returns the gradient bytes seen before the update."""
     from trainer.loop import optimizer_step, take_batches
-    batches = take_batches(run)
+    batches = take_batches(run, run.cfg.train.grad_accum)
     with saved.hooks() if saved is not None else _nothing():
         m = run.engine.forward_backward(batches)
     grads = _nbytes(p.grad for p in run.model.parameters())
-    optimizer_step(run, run.engine.reduce_metrics(m), lr)
+    optimizer_step(run, run.engine.reduce_metrics(m), lr, run.cfg.moe.bias_update_speed)
     return grads
 
 
