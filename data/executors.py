@@ -64,7 +64,7 @@ def run_task(out_dir: str, stage: str, task: int, tasks: int) -> int:
     """Array task `task` of `tasks`: its units of `stage` (finished ones skipped); returns how many ran."""
     ctx = load_context(out_dir)
     if stage == "finalize":
-        from data.prepare import finalize
+        from data.summary import finalize
         finalize(out_dir)
         return 1
     ran = 0

@@ -43,13 +43,12 @@ from data.identity import changed_inputs, data_name, input_identities
 from data.report import summary_text
 from data.shards import plan_shards
 from data.stages import ORDER, n_units
-from data.summary import build_report
+from data.summary import MARKER, finalize, read_json as _read_json, write_json as _write_json
 from data.tasks import PLAN, load_context
 from data.tokenize import tokenizer_source
 
 _NOT_PREPARATION = ("workers", "seed", "output_dir", "blend", "weight")
 _VERSION = 2
-MARKER = "_COMPLETE.json"
 log = logging.getLogger("data")
 
 __all__ = ["MARKER", "ensure_prepared", "finalize", "plan", "prepare", "prepared_dir", "stale_reason",
@@ -96,20 +95,6 @@ def plan(data_cfg: DataConfig, dedup_cfg: DedupConfig, fresh: bool = False) -> s
     return out_dir
 
 
-def finalize(out_dir: str, stage_seconds: dict | None = None, seconds: float | None = None) -> dict:
-    """Collect every unit's counters into report.json and meta.json, then write the completion record."""
-    ctx = load_context(out_dir)
-    report, meta = build_report(ctx, stage_seconds)
-    if seconds is not None:
-        report["seconds"] = round(seconds, 3)
-    shutil.copyfile(ctx.work("tokenizer", "000000", "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
-    _write_json(os.path.join(out_dir, "meta.json"), meta)
-    _write_json(os.path.join(out_dir, "report.json"), report)
-    plan_json = _read_json(ctx.work(PLAN))
-    _write_json(os.path.join(out_dir, MARKER), {"config": plan_json["record"], "inputs": plan_json["inputs"]})
-    return report
-
-
 def prepare(data_cfg: DataConfig, dedup_cfg: DedupConfig, quiet: bool = False, tasks: int | None = None,
             fresh: bool = False) -> dict:
     """Run every stage into `data_cfg.output_dir` with the local executor; returns the report dict.
@@ -130,21 +115,6 @@ def stage_units(out_dir: str) -> dict[str, int]:
     """Units per stage of the plan in `out_dir`."""
     ctx = load_context(out_dir)
     return {stage: n_units(ctx, stage) for stage in ORDER}
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def stale_reason(out_dir: str, data_cfg: DataConfig, dedup_cfg: DedupConfig) -> str | None:

@@ -42,6 +42,7 @@ from data.indexed import IndexedWriter
 from data.normalize import normalize_text
 from data.packing import pack, packing_stats
 from data.shards import RECORD_BITS, global_ids, read_shard
+from data.tasks import unit_array
 from data.tokenize import load_tokenizer, tokenize_chunk, train_bpe, tokenizer_source
 
 _EXAMPLES = 3
@@ -52,11 +53,6 @@ _SAMPLE_TAG = np.uint64(0x5A17E5A17E)
 def _save(out: str, **arrays) -> None:
     for name, a in arrays.items():
         np.save(os.path.join(out, f"{name}.npy"), a)
-
-
-def _load(ctx, stage: str, unit: int, name: str, mmap: bool = True) -> np.ndarray:
-    return np.load(os.path.join(ctx.work(stage, f"{unit:06d}"), f"{name}.npy"),
-                   mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def _write_json(path: str, obj) -> None:
@@ -149,24 +145,24 @@ def _gather(ctx, b: int, kind: str):
     """This bucket's records from every shard: (shard_R, row_R, key_R or None)."""
     shard, row, key = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.uint64)]
     for s in range(len(ctx.shards)):
-        off = _load(ctx, "sign", s, f"{kind}_off")
+        off = unit_array(ctx, "sign", s, f"{kind}_off")
         lo, hi = int(off[b]), int(off[b + 1])
         if hi == lo:
             continue
-        row.append(np.asarray(_load(ctx, "sign", s, f"{kind}_row")[lo:hi], np.int64))
+        row.append(np.asarray(unit_array(ctx, "sign", s, f"{kind}_row")[lo:hi], np.int64))
         shard.append(np.full(hi - lo, s, np.int64))
         if kind == "band":
-            key.append(np.asarray(_load(ctx, "sign", s, "band_key")[lo:hi]))
+            key.append(np.asarray(unit_array(ctx, "sign", s, "band_key")[lo:hi]))
     return np.concatenate(shard), np.concatenate(row), np.concatenate(key)
 
 
 def _per_shard(ctx, name: str, shard_R: np.ndarray, row_R: np.ndarray) -> np.ndarray:
     """Row `row_R[i]` of shard `shard_R[i]`'s array `name`, for every record."""
-    first = _load(ctx, "sign", 0, name)
+    first = unit_array(ctx, "sign", 0, name)
     out = np.zeros((len(row_R),) + first.shape[1:], first.dtype)
     for s in np.unique(shard_R).tolist():
         at = np.flatnonzero(shard_R == s)
-        out[at] = np.asarray(_load(ctx, "sign", s, name)[row_R[at]])
+        out[at] = np.asarray(unit_array(ctx, "sign", s, name)[row_R[at]])
     return out
 
 
@@ -280,10 +276,10 @@ def clusters(ctx, _unit: int, out: str) -> dict:
     from data.tasks import unit_stats
     signs = unit_stats(ctx, "sign", len(ctx.shards))
     _check_bad_fraction(ctx, signs)
-    exact = [_load(ctx, "buckets", b, "exact_dups", mmap=False) for b in range(ctx.buckets)]
+    exact = [unit_array(ctx, "buckets", b, "exact_dups", mmap=False) for b in range(ctx.buckets)]
     exact_dups = np.unique(np.concatenate(exact)) if exact else np.zeros(0, np.int64)
-    within = np.concatenate([_load(ctx, "buckets", b, "within", mmap=False) for b in range(ctx.buckets)])
-    linked = np.unique(np.concatenate([_load(ctx, "buckets", b, "linked", mmap=False) for b in range(ctx.buckets)]))
+    within = np.concatenate([unit_array(ctx, "buckets", b, "within", mmap=False) for b in range(ctx.buckets)])
+    linked = np.unique(np.concatenate([unit_array(ctx, "buckets", b, "linked", mmap=False) for b in range(ctx.buckets)]))
     near, n_clusters = _near_decisions(np.unique(within, axis=0) if len(within) else within, linked)
     if ctx.dedup.index_dir:
         from data.dedup.persistent import drop_against_index
@@ -295,7 +291,7 @@ def clusters(ctx, _unit: int, out: str) -> dict:
     n_dumps = int(dump_of.max()) + 1 if len(dump_of) else 0
     per_dump = lambda ids: np.bincount(dump_of[ids >> RECORD_BITS], minlength=n_dumps).tolist()  # noqa: E731
     bstats = [_bucket_stat(ctx, b) for b in range(ctx.buckets)]
-    hits = np.concatenate([_load(ctx, "buckets", b, "hits", mmap=False) for b in range(ctx.buckets)])
+    hits = np.concatenate([unit_array(ctx, "buckets", b, "hits", mmap=False) for b in range(ctx.buckets)])
     n_clusters += len(np.unique(hits, axis=0)) if len(hits) else 0  # earlier documents matched, per batch
     return {"exact_removed": per_dump(exact_dups), "near_removed": per_dump(near), "clusters": n_clusters,
             "candidates": sum(s["candidates"] for s in bstats), "rejected": sum(s["rejected"] for s in bstats)}
@@ -337,7 +333,7 @@ def _check_bad_fraction(ctx, signs: list[dict]) -> None:
 
 def dropped_in_shard(ctx, s: int) -> np.ndarray:
     """Records of shard s that dedup drops (sorted)."""
-    drop = _load(ctx, "clusters", 0, "drop")
+    drop = unit_array(ctx, "clusters", 0, "drop")
     lo, hi = np.searchsorted(drop, [s << RECORD_BITS, (s + 1) << RECORD_BITS])
     return np.asarray(drop[lo:hi]) - (s << RECORD_BITS)
 
@@ -347,7 +343,7 @@ def dropped_in_shard(ctx, s: int) -> np.ndarray:
 def tokenizer(ctx, _unit: int, out: str) -> dict:
     from data.tasks import unit_stats
     docs = sum(st["docs"] for st in unit_stats(ctx, "sign", len(ctx.shards)))
-    if docs - len(_load(ctx, "clusters", 0, "drop")) <= 0:
+    if docs - len(unit_array(ctx, "clusters", 0, "drop")) <= 0:
         raise ValueError(f"data.dumps = {ctx.data.dumps}: no document survived reading, normalisation and dedup")
     path = os.path.join(out, "tokenizer.json")
     spec = ctx.data.tokenizer
@@ -361,7 +357,7 @@ def tokenizer(ctx, _unit: int, out: str) -> dict:
 
 def tokenizer_sample(ctx) -> list[str]:
     """Kept documents of the lowest sample priority, up to data.tokenizer_sample_mb, in corpus order."""
-    drop = _load(ctx, "clusters", 0, "drop", mmap=False)
+    drop = unit_array(ctx, "clusters", 0, "drop", mmap=False)
     gid, text = [], []
     for s in range(len(ctx.shards)):
         with open(ctx.work("sign", f"{s:06d}", "sample.json"), encoding="utf-8") as f:

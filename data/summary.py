@@ -6,13 +6,17 @@ per-shard indexed files of each split, in shard order.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 
 from data.stages import ORDER, n_units
-from data.tasks import Context, unit_stats
+from data.tasks import PLAN, Context, load_context, unit_stats
 from data.tokenize import load_tokenizer
 
 log = logging.getLogger("data")
+MARKER = "_COMPLETE.json"  # the completion record of a prepared directory
 _PACK_SUMS = ("sequences", "tokens", "padding_tokens", "docs", "docs_cut", "docs_longer_than_seq")
 
 
@@ -99,3 +103,32 @@ def _vocab_shortfall(spec: str, reached: int) -> str | None:
            f"use data.tokenizer=bpe:{reached} (and model.vocab_size >= {reached}) or add more text")
     log.warning(msg)
     return msg
+
+
+def finalize(out_dir: str, stage_seconds: dict | None = None, seconds: float | None = None) -> dict:
+    """Collect every unit's counters into report.json and meta.json, then write the completion record."""
+    ctx = load_context(out_dir)
+    report, meta = build_report(ctx, stage_seconds)
+    if seconds is not None:
+        report["seconds"] = round(seconds, 3)
+    shutil.copyfile(ctx.work("tokenizer", "000000", "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    write_json(os.path.join(out_dir, "report.json"), report)
+    plan_json = read_json(ctx.work(PLAN))
+    write_json(os.path.join(out_dir, MARKER), {"config": plan_json["record"], "inputs": plan_json["inputs"]})
+    return report
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)

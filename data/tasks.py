@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 from data.config import DataConfig
@@ -126,3 +127,9 @@ def unit_stats(ctx: Context, stage: str, n_units: int) -> list[dict]:
             raise RuntimeError(f"{unit_dir(ctx, stage, u)}: stage '{stage}' unit {u} is not complete; "
                                "run the preparation again (finished units are kept)") from None
     return out
+
+
+def unit_array(ctx, stage: str, unit: int, name: str, mmap: bool = True) -> np.ndarray:
+    """An array a unit of `stage` wrote (`name.npy` in its work directory), memory-mapped by default."""
+    return np.load(os.path.join(ctx.work(stage, f"{unit:06d}"), f"{name}.npy"),
+                   mmap_mode="r" if mmap else None, allow_pickle=False)

@@ -20,6 +20,7 @@ from data.dedup import _next_dump_id
 from data.dedup.index import DedupIndex, SignedBatch
 from data.dedup.minhash import band_keys
 from data.shards import global_ids
+from data.tasks import unit_array
 
 
 def drop_against_index(ctx, dropped: np.ndarray) -> np.ndarray:
@@ -42,17 +43,16 @@ def drop_against_index(ctx, dropped: np.ndarray) -> np.ndarray:
 
 
 def _add_shards(ctx, index: DedupIndex, dropped: np.ndarray) -> np.ndarray:
-    from data.stages import _load
     first_dump = _next_dump_id(index)
     cfg, out = ctx.dedup, [np.zeros(0, np.int64)]
     for s, shard in enumerate(ctx.shards):
-        gids = global_ids(s, np.asarray(_load(ctx, "sign", s, "records"), np.int64))
+        gids = global_ids(s, np.asarray(unit_array(ctx, "sign", s, "records"), np.int64))
         rows = np.flatnonzero(~np.isin(gids, dropped))
         if rows.size == 0:
             continue
-        exact = np.asarray(_load(ctx, "sign", s, "exact")[rows])
-        sig = np.asarray(_load(ctx, "sign", s, "sig")[rows])
-        has = np.asarray(_load(ctx, "sign", s, "has")[rows])
+        exact = np.asarray(unit_array(ctx, "sign", s, "exact")[rows])
+        sig = np.asarray(unit_array(ctx, "sign", s, "sig")[rows])
+        has = np.asarray(unit_array(ctx, "sign", s, "has")[rows])
         keys = band_keys(sig, cfg.bands, cfg.rows, cfg.seed) if cfg.near else np.zeros((len(rows), 0), np.uint64)
         keep, _ = index.add(SignedBatch(exact, sig, has, keys, 0), first_dump + shard.dump, 0)
         out.append(gids[rows][~keep])
