@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from data.sources import RawDoc, _decode, _field, expand_dumps, is_bundled, read_dump
+from data.sources import RawDoc, _decode, expand_dumps, is_bundled, jsonl_doc, read_dump
 
 RECORD_BITS = 32
 
@@ -116,15 +116,5 @@ def _jsonl_range(path: str, lo: int, hi: int, text_field: str) -> Iterator[RawDo
                 return
             source = f"{path}@{pos}"
             pos += len(raw)
-            if not raw.strip():
-                continue
-            doc = _decode(raw, source)
-            if doc.error:
-                yield doc
-                continue
-            try:
-                record = json.loads(doc.text)
-            except json.JSONDecodeError:
-                yield RawDoc(source, None, "bad_json")
-                continue
-            yield _field(record, text_field, source)
+            if raw.strip():
+                yield jsonl_doc(raw, source, text_field)

@@ -161,19 +161,20 @@ def read_jsonl(path: str, text_field: str) -> Iterator[RawDoc]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            source = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            doc = _decode(raw, source)
-            if doc.error:
-                yield doc
-                continue
-            try:
-                record = json.loads(doc.text)
-            except json.JSONDecodeError:
-                yield RawDoc(source, None, "bad_json")
-                continue
-            yield _field(record, text_field, source)
+            if raw.strip():
+                yield jsonl_doc(raw, f"{path}:{lineno}", text_field)
+
+
+def jsonl_doc(raw: bytes, source: str, text_field: str) -> RawDoc:
+    """The document of one non-blank JSONL line (or the reason it is bad input)."""
+    doc = _decode(raw, source)
+    if doc.error:
+        return doc
+    try:
+        record = json.loads(doc.text)
+    except json.JSONDecodeError:
+        return RawDoc(source, None, "bad_json")
+    return _field(record, text_field, source)
 
 
 def _field(record, text_field: str, source: str) -> RawDoc:
