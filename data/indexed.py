@@ -1,7 +1,9 @@
 """Packed sequences on disk: Megatron's indexed dataset (.bin/.idx) plus document lengths.
 
-Written with megatron-core's `IndexedDatasetBuilder` and read with its `IndexedDataset`
-(both run on CPU). One packed sequence = one Megatron sequence = one Megatron document, so
+Written with megatron-core's `IndexedDatasetBuilder`; read by `IndexedReader`, a memory map of
+the .bin at the offsets of the checked .idx (what megatron-core's `IndexedDataset` does: importing
+megatron-core takes seconds, once per rank and tool; tests/unit/test_data_prepare.py reads the
+same files with both). One packed sequence = one Megatron sequence = one Megatron document, so
 Megatron tools see a plain indexed dataset. Padding is not stored: a sequence holds only its
 tokens (<= L); the reader pads. Document boundaries inside each sequence (cu_seqlens-style)
 go beside it:
@@ -9,7 +11,7 @@ go beside it:
   PREFIX.doclens_offsets.npy  int64 [n + 1]         sequence i owns doclens[off[i]:off[i+1]]
 The .idx layout (documented in megatron-core): magic b"MMIDIDX\\x00\\x00", u64 version 1,
 u8 dtype code, u64 sequence count, u64 document count, int32 sequence lengths, int64 byte
-pointers, int64 document indices. megatron-core is imported lazily (it takes seconds).
+pointers, int64 document indices. megatron-core is imported lazily, by the writer only.
 
 Files from elsewhere are untrusted: before megatron-core maps them, `validate` checks the .idx
 header (magic, version, dtype code), that its size is exactly what the counts imply, that the
@@ -76,8 +78,9 @@ def _read_idx(prefix: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray
     return np.dtype(_TOKEN_DTYPES[code]), lengths, pointers, docs
 
 
-def validate(prefix: str) -> None:
-    """Raise IndexedDataError unless PREFIX.{idx,bin,doclens.npy,doclens_offsets.npy} are consistent."""
+def validate(prefix: str) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+    """Raise IndexedDataError unless PREFIX.{idx,bin,doclens.npy,doclens_offsets.npy} are consistent;
+    returns the checked (token dtype, sequence lengths, byte pointers)."""
     dtype, lengths, pointers, docs = _read_idx(prefix)
     idx, n = prefix + ".idx", len(lengths)
     if (lengths < 0).any():
@@ -94,6 +97,7 @@ def validate(prefix: str) -> None:
     if os.path.getsize(bin_path) != need:
         _fail(bin_path, f"{os.path.getsize(bin_path)} bytes but the index describes {need}")
     _validate_doclens(prefix, lengths.astype(np.int64))
+    return dtype, lengths, pointers
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -153,14 +157,18 @@ class IndexedReader:
         if not os.path.isfile(prefix + ".idx"):
             raise FileNotFoundError(f"no indexed dataset at {prefix}.idx/.bin; run python -m trainer.prepare")
         self.prefix = prefix
-        validate(prefix)
-        self.dataset = _megatron().IndexedDataset(prefix)
+        dtype, self.lengths, pointers = validate(prefix)
+        self.starts = pointers // dtype.itemsize   # validate() checked they follow the lengths
+        size = os.path.getsize(prefix + ".bin")
+        self.tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         self.doclens = np.load(prefix + ".doclens.npy", mmap_mode="r", allow_pickle=False)
         self.offsets = np.load(prefix + ".doclens_offsets.npy", allow_pickle=False)
-        assert len(self.offsets) - 1 == len(self.dataset), "validate() checked the counts"
+        assert len(self.offsets) - 1 == len(self.lengths), "validate() checked the counts"
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.lengths)
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.dataset[i], np.asarray(self.doclens[self.offsets[i]:self.offsets[i + 1]], dtype=np.int32)
+        start = int(self.starts[i])
+        tokens = np.asarray(self.tokens[start:start + int(self.lengths[i])])
+        return tokens, np.asarray(self.doclens[self.offsets[i]:self.offsets[i + 1]], dtype=np.int32)

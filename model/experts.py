@@ -70,7 +70,7 @@ def grouped_mm(x_SK: Tensor, w_ENK: Tensor, offsets_E: Tensor) -> Tensor:
     return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # torch.compiler.disable, importing dynamo (~1 s) only when first called
 def _eager_grouped_mm(x_SK: Tensor, w_ENK: Tensor, offsets_E: Tensor) -> Tensor:
     return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
 

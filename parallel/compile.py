@@ -15,7 +15,6 @@ import shutil
 import sys
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from model.experts import LocalDispatcher
@@ -26,6 +25,8 @@ log = logging.getLogger(__name__)
 
 def check_compile_platform(device: torch.device) -> None:
     """Raise one line naming train.compile when this platform cannot compile."""
+    import torch._dynamo  # here, not at module level: importing it takes about a second
+
     fix = "set train.compile=false"
     if not torch._dynamo.is_dynamo_supported():
         raise ValueError(f"train.compile=true: torch.compile does not support Python {sys.version.split()[0]} "
@@ -42,6 +43,8 @@ def check_compile_platform(device: torch.device) -> None:
 def apply_compile(model: nn.Module, device: torch.device, backend: str = "inductor") -> list[str]:
     """Compile every block of `model` in place; returns the names of the compiled blocks."""
     check_compile_platform(device)
+    import torch._dynamo
+
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     blocks = blocks_of(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))

@@ -166,6 +166,7 @@ class LoggingConfig:
 
     every: int = doc(10, "Print a console line every N steps (metrics.jsonl gets every step).")
     tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tb.")
+    plots: bool = doc(True, "Draw the run's plots into output_dir/plots at the end (about 2 s); python -m trainer.plot draws them later.")
     peak_tflops: float = doc(0.0, "Peak dense TFLOP/s per device for MFU; 0 = look up from the device (CPU: 1.0).")
     wandb: dict = doc({}, "Weights & Biases, beside TensorBoard: {project: NAME, name: RUN_NAME, offline: true, entity: TEAM}; {} = off. Needs the wandb package (imported only when set).")
 

@@ -271,13 +271,14 @@ def log_schedule(run_) -> None:
 def finish(cfg, run_, metrics) -> None:
     """Plots of the run into output_dir/plots/ and the closing summary (rank 0)."""
     from parallel import checkpoint as ckpt
-    from trainer.plot import plot_run
     metrics.flush()
+    plots = []
     try:
-        plots = plot_run(cfg.train.output_dir)
+        if cfg.logging.plots:
+            from trainer.plot import plot_run
+            plots = plot_run(cfg.train.output_dir)
     except (ImportError, FileNotFoundError) as e:
         log.warning("no plots: %s", e)
-        plots = []
     validating = cfg.data.valid_fraction > 0 and cfg.eval.every
     metrics.summary(run_.step, ckpt.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints")), plots,
                     first_eval=cfg.eval.every if validating else None)

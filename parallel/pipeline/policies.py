@@ -46,6 +46,8 @@ def _compile_method(module: nn.Module, name: str, backend: str) -> None:
 def apply_stage_compile(model: nn.Module, device: torch.device, backend: str = "inductor") -> list[str]:
     """Compile the compute pieces of every block of `model` in place; returns what was compiled."""
     check_compile_platform(device)
+    import torch._dynamo  # imported by the check too; named here for the config below
+
     blocks = blocks_of(model)
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))

@@ -79,7 +79,7 @@ class DeferrableLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.deferral = deferral
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, importing dynamo (~1 s) only when first called
     def forward(self, x: Tensor) -> Tensor:
         # eager under torch.compile: a traced backward would fix `deferral.sink` at trace time
         # (dW computed in I, W empty), so each deferrable linear runs between graphs

@@ -28,7 +28,7 @@ SMALL = ["train.steps=8", "data.seq_len=64", "model.max_seq_len=64", "train.micr
          "checkpoint.every=2", "checkpoint.keep_last=2", "data.tokenizer=bpe:512", "model.vocab_size=512",
          "data.bundled_mb=0.05", "model.hidden_size=32", "model.num_layers=2", "model.dense_ffn_size=64",
          "moe.num_experts=4", "moe.n_group=2", "moe.topk_group=1", "moe.expert_ffn_size=32",
-         "logging.tensorboard=false", "train.device=cpu"]
+         "logging.tensorboard=false", "logging.plots=false", "train.device=cpu"]
 
 
 def _cmd(out_dir, data_dir, extra=()):

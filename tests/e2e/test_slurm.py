@@ -140,7 +140,7 @@ def test_sweep_job_array(cluster, tmp_path):
 
 # -- the real trainer ------------------------------------------------------------------------------
 
-REAL = ["train.steps=6", "checkpoint.every=3", "logging.every=1", "logging.tensorboard=false",
+REAL = ["train.steps=6", "checkpoint.every=3", "logging.every=1", "logging.tensorboard=false", "logging.plots=false",
         "train.micro_batch_size=2", "data.seq_len=64", "model.max_seq_len=64"]
 
 

@@ -23,7 +23,7 @@ def data_root(tmp_path_factory):
 
 def overrides(data_root, out, *extra):
     return [f"data.output_dir={data_root}", "data.bundled_mb=0.05", "data.seq_len=128", "model.max_seq_len=128",
-            "train.micro_batch_size=4", "logging.tensorboard=false", "logging.every=10",
+            "train.micro_batch_size=4", "logging.tensorboard=false", "logging.plots=false", "logging.every=10",
             f"train.output_dir={out}", *extra]
 
 

@@ -34,7 +34,7 @@ def _check_against_standalone(out, data_root, step, val_steps=(2, 4)):
 
 def test_one_process_validation_equals_standalone_evaluate(data_root, tmp_path):
     out = str(tmp_path / "run")
-    assert main([TINY, "--set", *overrides(data_root, out, *EVAL)]) == 0
+    assert main([TINY, "--set", *overrides(data_root, out, *EVAL), "logging.plots=true"]) == 0
     m = _check_against_standalone(out, data_root, 4)
     assert m[4]["val_loss"] < m[2]["val_loss"] + 0.5 and "expert_load" in m[4]
     with open(os.path.join(out, "train.log")) as f:

@@ -59,7 +59,7 @@ def run_tiny(workdir: str, threads: int = 1, extra_env: dict | None = None,
     out = os.path.join(workdir, "run")
     cmd = [sys.executable, "-m", "trainer.train", os.path.join(ROOT, "configs", "tiny.yaml"), "--set",
            f"train.steps={STEPS}", "train.device=cpu", "train.dtype=fp32", "checkpoint.every=0",
-           "logging.tensorboard=false", f"train.output_dir={out}", f"data.output_dir={os.path.join(workdir, 'data')}",
+           "logging.tensorboard=false", "logging.plots=false", f"train.output_dir={out}", f"data.output_dir={os.path.join(workdir, 'data')}",
            "data.valid_fraction=0", *overrides]  # the split the golden numbers were recorded on (no held-out part)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(extra_env or {}))
     env.pop("WORLD_SIZE", None)

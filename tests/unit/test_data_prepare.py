@@ -116,6 +116,11 @@ def test_idx_format_and_megatron_reader(tiny_data):
         tokens, doc_lens = reader.get(i)
         assert len(tokens) == lengths[i] == doc_lens.sum()
         assert np.array_equal(tokens, bin_tokens[pointers[i] // 2: pointers[i] // 2 + lengths[i]])
+    from data.indexed import _megatron  # megatron-core's own reader sees the same sequences
+    theirs = _megatron().IndexedDataset(prefix)
+    assert len(theirs) == len(reader) == n_seq
+    for i in range(n_seq):
+        assert np.array_equal(theirs[i], reader.get(i)[0]), i
 
 
 def test_ensure_prepared_reuses_and_detects_changes(tiny_data):
