@@ -253,16 +253,20 @@ class ZeroAdamW:
     # ---- parameters from the fp32 masters: all-gathered in the parameters' dtype
     def _launch_gathers(self) -> None:
         self.wait_params()
-        for i, b in enumerate(self.buckets):
-            dtype = b.params[0][1].dtype
-            assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
-            flat = torch.empty(b.numel, dtype=dtype, device=b.master.device)
-            send = b.master.to(dtype)
-            if b.size == 1:
-                flat.copy_(send)
-                self._pending[i] = (None, flat, send)
-            else:
-                self._pending[i] = (_all_gather_flat(flat, send, group=b.group, async_op=True), flat, send)
+        for i in range(len(self.buckets)):
+            self._launch_gather(i)
+
+    def _launch_gather(self, i: int) -> None:
+        b = self.buckets[i]
+        dtype = b.params[0][1].dtype
+        assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
+        flat = torch.empty(b.numel, dtype=dtype, device=b.master.device)
+        send = b.master.to(dtype)
+        if b.size == 1:
+            flat.copy_(send)
+            self._pending[i] = (None, flat, send)
+        else:
+            self._pending[i] = (_all_gather_flat(flat, send, group=b.group, async_op=True), flat, send)
 
     def _finish_gather(self, i: int) -> None:
         work, flat, _ = self._pending.pop(i)
@@ -278,9 +282,12 @@ class ZeroAdamW:
             self._finish_gather(i)
 
     def params_from_master(self) -> None:
-        """Parameters := the fp32 masters (cast to the parameters' dtype), e.g. after a load."""
-        self._launch_gathers()
+        """Parameters := the fp32 masters (cast to the parameters' dtype), e.g. after a load; one
+        bucket at a time, so that a load allocates one bucket's buffer, not the model's."""
         self.wait_params()
+        for i in range(len(self.buckets)):
+            self._launch_gather(i)
+            self._finish_gather(i)
 
     def defer_gather(self, model: nn.Module) -> None:
         """Leave `apply`'s all-gathers in flight, overlapped with what runs until the next forward
