@@ -150,3 +150,38 @@ def _layouts_case(rank, world, root):
 def test_bf16_checkpoint_loads_exactly_at_other_layouts_and_into_fp32(tmp_path):
     counts = run_ranks(_layouts_case, 4, str(tmp_path / "ckpt"))
     assert all(c["ep2"] > 0 and c["pp2"] > 0 and c["fp32"] > 0 for c in counts)
+
+
+def _deferred_case(rank, world, name, extra):
+    """Deferred vs synchronous all-gather on one layout: 3 steps, same losses and weights."""
+    cfg = _cfg("train.param_dtype=bf16", *extra)
+    deferred, sync = _engine(cfg), _engine(cfg)
+    sync.zero.deferred = False
+    n = cfg.train.grad_accum
+    dp, dp_rank = deferred.topology.dp, deferred.topology.dp_rank
+    out = {"deferred": [], "sync": []}
+    for step in range(3):
+        rows = _tokens(step, dp * n)[dp_rank * n:(dp_rank + 1) * n]
+        for key, engine in (("deferred", deferred), ("sync", sync)):
+            m = engine.reduce_metrics(engine.forward_backward([make_batch(r[None], None) for r in rows]))
+            engine.reduce_and_norm()
+            engine.apply(1e-2)
+            out[key].append(m.loss)
+        assert len(deferred.zero._pending) == len(deferred.zero.buckets)
+    assert out["deferred"] == out["sync"], name
+    for key, v in _params(deferred).items():
+        torch.testing.assert_close(v, _params(sync)[key], rtol=0, atol=0, msg=f"{name} {key}")
+    return out["deferred"]
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("dp4 ep2, F&B pairs", ["parallel.ep=2", "train.grad_accum=2"]),
+    ("pp2 dp2 ep2 dualpipev", ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", "train.grad_accum=4",
+                               "model.num_layers=4"]),
+    ("pp2 dp2 zb1p", ["parallel.pp=2", "parallel.schedule=zb1p", "train.grad_accum=2"]),
+])
+def test_deferred_all_gather_equals_the_synchronous_one(name, extra):
+    """Every engine path (pairs, pipeline pieces, deferred weight gradients): a module that read
+    its weights before their bucket arrived would change the step's loss."""
+    losses = run_ranks(_deferred_case, 4, name, extra)
+    assert losses[0][0] != losses[0][2]  # the weights moved
