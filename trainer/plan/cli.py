@@ -37,7 +37,7 @@ def _row(i: int, e: Estimate) -> str:
 
 
 def breakdown(e: Estimate) -> str:
-    parts = ", ".join(f"{k} {e.memory[k] / GIB:.1f}" for k in COMPONENTS)
+    parts = ", ".join(f"{k} {e.memory[k] / GIB:.{2 if 0 < e.memory[k] < 0.1 * GIB else 1}f}" for k in COMPONENTS)
     host = f"; host: async save stages {e.host / GIB:.1f} GiB" if e.host else ""
     return f"pp rank {e.rank}: {parts} = {e.total / GIB:.1f} of {e.budget / GIB:.0f} GiB{host}"
 
