@@ -1,8 +1,9 @@
 """One process: plain autograd and the project's AdamW (`parallel.adamw`) on the whole model.
 
 Its checkpoint tensors are those of every other layout (`model.<name>`, `optim.<name>.{master,
-exp_avg,exp_avg_sq}`, `optim.step`): the fp32 parameter is its own master copy, so a run of
-one process resumes from a sharded checkpoint and a sharded run from this one's.
+exp_avg,exp_avg_sq}`, `optim.step`): an fp32 parameter is its own master copy (bf16 parameters,
+`train.param_dtype`: the AdamW keeps an fp32 master per parameter), so a run of one process
+resumes from a sharded checkpoint and a sharded run from this one's.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class LocalEngine:
             per = self.optimizer.state.get(p, {})
             state[f"optim.{name}.master"] = per["master"] if "master" in per else p.detach()
             for key in ("exp_avg", "exp_avg_sq"):
-                state[f"optim.{name}.{key}"] = per[key].float() if key in per else torch.zeros_like(p, dtype=torch.float32)
+                state[f"optim.{name}.{key}"] = (per[key].float() if key in per
+                                                else torch.zeros_like(p, dtype=torch.float32))
             step = max(step, int(per["step"].item()) if "step" in per else 0)
         state["optim.step"] = torch.tensor(step, dtype=torch.int64)
         return state
