@@ -153,14 +153,14 @@ def test_bf16_checkpoint_loads_exactly_at_other_layouts_and_into_fp32(tmp_path):
 
 
 def _deferred_case(rank, world, name, extra):
-    """Deferred vs synchronous all-gather on one layout: 3 steps, same losses and weights."""
+    """Deferred vs synchronous all-gather on one layout: 2 steps, same losses and weights."""
     cfg = _cfg("train.param_dtype=bf16", *extra)
     deferred, sync = _engine(cfg), _engine(cfg)
     sync.zero.deferred = False
     n = cfg.train.grad_accum
     dp, dp_rank = deferred.topology.dp, deferred.topology.dp_rank
     out = {"deferred": [], "sync": []}
-    for step in range(3):
+    for step in range(2):
         rows = _tokens(step, dp * n)[dp_rank * n:(dp_rank + 1) * n]
         for key, engine in (("deferred", deferred), ("sync", sync)):
             m = engine.reduce_metrics(engine.forward_backward([make_batch(r[None], None) for r in rows]))
@@ -184,4 +184,4 @@ def test_deferred_all_gather_equals_the_synchronous_one(name, extra):
     """Every engine path (pairs, pipeline pieces, deferred weight gradients): a module that read
     its weights before their bucket arrived would change the step's loss."""
     losses = run_ranks(_deferred_case, 4, name, extra)
-    assert losses[0][0] != losses[0][2]  # the weights moved
+    assert losses[0][0] != losses[0][1]  # the weights moved
