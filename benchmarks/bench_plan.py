@@ -66,7 +66,8 @@ LAYOUTS = [(1, 1, "1f1b", 2), (1, 4, "1f1b", 2), (2, 1, "1f1b", 4), (2, 2, "zb1p
 
 def layout_config(cfg, pp: int, ep: int, schedule: str, n: int, world: int = WORLD):
     par = dataclasses.replace(cfg.parallel, pp=pp, dp=world // pp, ep=ep, schedule=schedule, layout=[])
-    train = dataclasses.replace(cfg.train, grad_accum=n, device="cpu", dtype="fp32")
+    dtype = "bf16" if cfg.train.param_dtype == "bf16" else "fp32"  # bf16 parameters need bf16 compute
+    train = dataclasses.replace(cfg.train, grad_accum=n, device="cpu", dtype=dtype)
     out = dataclasses.replace(cfg, parallel=par, train=train)
     out.validate()
     return out
@@ -220,7 +221,7 @@ def predict(cfg, pp: int, ep: int, schedule: str, n: int, cluster: Cluster) -> d
         stages = [place.stage_of(r, c) for c in range(place.chunks_per_rank)]
         blocks = sorted(i for s in stages for i in layout[s])
         st = static_bytes(rank_params(inventory, blocks, 0 in stages, S - 1 in stages, cfg), ep, dp,
-                          cfg.optim.bf16_moments, cfg.optim.weight_decay)
+                          cfg.optim.bf16_moments, cfg.optim.weight_decay, 2 if cfg.train.param_dtype == "bf16" else 4)
         acts = [stage_activation_bytes(cfg, am, layout[s], s == S - 1, mb * L, 4, False, "none") for s in stages]
         peak = max(sum(a * k for a, k in zip(acts, point)) for point in live_points(sched.compute[r]))
         forwards = [sum(op == "F" and ch == c for a in sched.compute[r] for op, _, ch in a.parts())

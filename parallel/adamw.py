@@ -75,12 +75,18 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW over fp32 parameters; `moment_dtype` = torch.bfloat16 stores moments in bf16."""
+    """AdamW; `moment_dtype` = torch.bfloat16 stores moments in bf16. With `master_weights` every
+    parameter gets an fp32 master copy (state "master", taken now: build it before casting the
+    parameters to bf16) that the update runs on and the parameter is copied from."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 moment_dtype: torch.dtype = torch.float32):
+                 moment_dtype: torch.dtype = torch.float32, master_weights: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.moment_dtype = moment_dtype
+        self.moment_dtype, self.master_weights = moment_dtype, master_weights
+        if master_weights:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["master"] = p.detach().float().clone()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -92,7 +98,7 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
+                if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
@@ -100,9 +106,14 @@ class AdamW(torch.optim.Optimizer):
                 by_step.setdefault(int(state["step"].item()), []).append(p)
             for step, ps in by_step.items():
                 states = [self.state[p] for p in ps]
-                adamw_step_(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                targets = [s.get("master", p) for s, p in zip(states, ps)]
+                grads = [p.grad.float() if "master" in s else p.grad for s, p in zip(states, ps)]
+                adamw_step_(targets, grads, [s["exp_avg"] for s in states],
                             [s["exp_avg_sq"] for s in states], [group["weight_decay"]] * len(ps), step,
                             group["lr"], beta1, beta2, group["eps"])
+                for p, t in zip(ps, targets):
+                    if t is not p:
+                        p.copy_(t)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -115,8 +126,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> AdamW:
-    """AdamW from an `optim:` config section (lr, betas, eps, weight decay, bf16 moments)."""
+def build_optimizer(model: torch.nn.Module, cfg, master_weights: bool = False) -> AdamW:
+    """AdamW from an `optim:` config section (lr, betas, eps, weight decay, bf16 moments);
+    `master_weights`: fp32 masters of parameters about to be cast to bf16."""
     moment_dtype = torch.bfloat16 if cfg.bf16_moments else torch.float32
     return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                 eps=cfg.eps, moment_dtype=moment_dtype)
+                 eps=cfg.eps, moment_dtype=moment_dtype, master_weights=master_weights)

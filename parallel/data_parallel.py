@@ -3,11 +3,17 @@
 DeepSeek-V3 (arXiv 2412.19437, section 3.1) uses ZeRO-1 data parallelism (Rajbhandari et al.,
 ZeRO stage 1): every dp rank keeps the full bf16/fp32 parameters but only 1/dp of the fp32
 master copy and AdamW moments. Per step:
-  1. gradients are reduce-scattered in buckets (flat fp32 buffers, issued asynchronously), so each
-     rank receives the summed gradient of its shard only;
+  1. gradients are reduce-scattered in buckets (flat buffers of `grad_reduce_dtype`, fp32 or bf16,
+     issued asynchronously), so each rank receives the summed gradient of its shard only, upcast
+     to fp32;
   2. the global gradient norm is the sum of every rank's shard norms, clipping scales all shards;
   3. each rank runs AdamW (`parallel.adamw.adamw_step_`, the single-process arithmetic) on its
-     shard, then the shards are all-gathered back into the parameters.
+     fp32 shard, then the shards are all-gathered back into the parameters in the parameters'
+     dtype (bf16 with `train.param_dtype` bf16: `parallel.precision`).
+The all-gather can be left in flight until the next forward (`defer_gather`): every bucket is
+waited for and copied into its parameters by a forward pre-hook of each module that owns one of
+them, just before that module first runs; `wait_params` finishes them all and is called by
+anything else that reads parameters (checkpoints, validation, loading).
 Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
 only over the expert-data-parallel group (edp = dp / ep). Both are multiplied by `grad_scale`:
 an expert's gradient already sums the tokens of its whole ep group, so the sum over edp is the sum
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 
 from parallel.expert import expert_shards
 from parallel.adamw import adamw_step_
+from parallel.precision import DTYPES
 from parallel.sharded_state import FlatChunks
 
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -80,11 +87,15 @@ class ZeroAdamW:
 
     def __init__(self, model: nn.Module, topology, *, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, grad_clip: float = 0.0, bucket_mb: float = 25.0,
-                 moment_dtype: torch.dtype = torch.float32, grad_scale: float | None = None):
+                 moment_dtype: torch.dtype = torch.float32, grad_scale: float | None = None,
+                 grad_reduce_dtype: torch.dtype = torch.float32):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb = {bucket_mb}: must be positive")
         self.topology, self.lr, self.betas, self.eps = topology, lr, betas, eps
         self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
+        self.grad_reduce_dtype = grad_reduce_dtype
+        self.deferred = False   # all-gathers left in flight until first use (defer_gather)
+        self._pending: dict[int, tuple] = {}  # bucket index -> (work, gathered flat, sent shard)
         # factor on gradients before the reduce-scatter: 1/dp averages per-rank mean losses;
         # 1.0 sums losses that are already shares of the step's (`parallel.engine.base.with_step_counts`)
         self.grad_scale = 1.0 / topology.dp if grad_scale is None else grad_scale
@@ -111,7 +122,8 @@ class ZeroAdamW:
         """From an `optim:` config section (lr, betas, eps, weight decay, clip, bf16 moments)."""
         o = optim_cfg
         return cls(model, topology, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                   grad_clip=o.grad_clip, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32, **kwargs)
+                   grad_clip=o.grad_clip, moment_dtype=torch.bfloat16 if o.bf16_moments else torch.float32,
+                   grad_reduce_dtype=DTYPES[o.grad_reduce_dtype], **kwargs)
 
     def _make_buckets(self, named, kind: str, wd: float, cap: int) -> list[_Bucket]:
         """Reverse registration order (roughly the order gradients appear in backward)."""
@@ -163,21 +175,24 @@ class ZeroAdamW:
         return on_grad
 
     def _launch(self, b: _Bucket) -> None:
-        """Flatten this bucket's gradients (times `grad_scale`) and start its reduce-scatter."""
-        flat = torch.zeros(b.numel, dtype=torch.float32, device=b.params[0][1].device)
+        """Flatten this bucket's gradients (times `grad_scale`) into a `grad_reduce_dtype` buffer
+        and start its reduce-scatter."""
+        flat = torch.zeros(b.numel, dtype=self.grad_reduce_dtype, device=b.params[0][1].device)
         for _, p, off in b.params:
             if p.grad is not None:
-                flat[off:off + p.numel()] = p.grad.reshape(-1).float()
+                flat[off:off + p.numel()] = p.grad.reshape(-1)
         if self.grad_scale != 1.0:
             flat.mul_(self.grad_scale)
         if b.size == 1:
             b.grad, b.work = flat, None
         else:
-            b.grad = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
+            b.grad = torch.empty(b.shard, dtype=self.grad_reduce_dtype, device=flat.device)
             b.work = _reduce_scatter(b.grad, flat, b.grad_group or b.group, async_op=True)
 
     def reduce_gradients(self) -> None:
-        """Reduce-scatter every bucket not yet launched during backward, then wait for all."""
+        """Reduce-scatter every bucket not yet launched during backward, then wait for all; the
+        received shards are fp32 from here on."""
+        self.wait_params()  # a bucket no module of the forward used: its parameters are current now
         start = self._next if self._armed else 0
         for b in self.buckets[start:]:
             self._launch(b)
@@ -186,6 +201,7 @@ class ZeroAdamW:
             if b.work is not None:
                 b.work.wait()
                 b.work = None
+            b.grad = b.grad.float()
 
     def grad_norm(self) -> float:
         """Global L2 norm of the averaged gradients: shard norms summed over dp, then over pp."""
@@ -225,28 +241,71 @@ class ZeroAdamW:
                     [b.weight_decay for b in bs], self.step_count, lr, self.betas[0], self.betas[1], self.eps)
         for b in bs:
             b.grad = None
-        self._gather_params()
+        self._launch_gathers()
+        if not self.deferred:
+            self.wait_params()
 
     def discard(self) -> None:
         """Drop a reduced step (non-finite gradients): nothing is updated."""
         for b in self.buckets:
             b.grad = None
 
-    def _gather_params(self) -> None:
-        works, flats = [], []
-        for b in self.buckets:
-            flat = torch.empty(b.numel, dtype=torch.float32, device=b.master.device)
-            flats.append(flat)
-            if b.size == 1:
-                flat.copy_(b.master)
-                works.append(None)
-            else:
-                works.append(_all_gather_flat(flat, b.master, group=b.group, async_op=True))
-        for b, flat, work in zip(self.buckets, flats, works):
-            if work is not None:
-                work.wait()
-            for _, p, off in b.params:
+    # ---- parameters from the fp32 masters: all-gathered in the parameters' dtype
+    def _launch_gathers(self) -> None:
+        self.wait_params()
+        for i in range(len(self.buckets)):
+            self._launch_gather(i)
+
+    def _launch_gather(self, i: int) -> None:
+        b = self.buckets[i]
+        dtype = b.params[0][1].dtype
+        assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
+        flat = torch.empty(b.numel, dtype=dtype, device=b.master.device)
+        send = b.master.to(dtype)
+        if b.size == 1:
+            flat.copy_(send)
+            self._pending[i] = (None, flat, send)
+        else:
+            self._pending[i] = (_all_gather_flat(flat, send, group=b.group, async_op=True), flat, send)
+
+    def _finish_gather(self, i: int) -> None:
+        work, flat, _ = self._pending.pop(i)
+        if work is not None:
+            work.wait()
+        with torch.no_grad():
+            for _, p, off in self.buckets[i].params:
                 p.data.copy_(flat[off:off + p.numel()].view_as(p))
+
+    def wait_params(self) -> None:
+        """Finish every all-gather still in flight: the parameters are the masters' values."""
+        for i in sorted(self._pending):
+            self._finish_gather(i)
+
+    def params_from_master(self) -> None:
+        """Parameters := the fp32 masters (cast to the parameters' dtype), e.g. after a load; one
+        bucket at a time, so that a load allocates one bucket's buffer, not the model's."""
+        self.wait_params()
+        for i in range(len(self.buckets)):
+            self._launch_gather(i)
+            self._finish_gather(i)
+
+    def defer_gather(self, model: nn.Module) -> None:
+        """Leave `apply`'s all-gathers in flight, overlapped with what runs until the next forward
+        and that forward itself: a forward pre-hook on every module owning parameters of a bucket
+        (tied weights: each owner) waits for that bucket and copies it in before the module runs."""
+        owner = {id(p): i for i, b in enumerate(self.buckets) for _, p, _ in b.params}
+        for module in model.modules():
+            mine = sorted({owner[id(p)] for p in module.parameters(recurse=False) if id(p) in owner})
+            if mine:
+                module.register_forward_pre_hook(self._before_forward(mine))
+        self.deferred = True
+
+    def _before_forward(self, buckets: list[int]):
+        def hook(_module, _args):
+            for i in buckets:
+                if i in self._pending:
+                    self._finish_gather(i)
+        return hook
 
     def zero_grad(self, model: nn.Module | None = None) -> None:
         for b in self.buckets:
@@ -283,6 +342,7 @@ class ZeroAdamW:
 
     def reset_from_params(self) -> None:
         """Fresh optimizer over the current parameters (after loading weights only)."""
+        self.wait_params()
         self.step_count = 0
         for b in self.buckets:
             b.master.copy_(b.my_slice(b.flat_params()))
@@ -290,7 +350,8 @@ class ZeroAdamW:
             b.exp_avg_sq.zero_()
 
     def load_full_state(self, state: dict[str, dict[str, Tensor]], step: int) -> None:
-        """Inverse of `full_state`: keep my shard of every bucket."""
+        """Inverse of `full_state`: keep my shard of every bucket (the parameters are left as they are)."""
+        self.wait_params()
         self.step_count = step
         for b in self.buckets:
             for key in ("master", "exp_avg", "exp_avg_sq"):

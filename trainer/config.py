@@ -47,6 +47,9 @@ class OptimConfig:
     weight_decay: float = doc(0.1, "Decoupled weight decay (not applied to norms, biases and router bias).")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
     bf16_moments: bool = doc(False, "Keep AdamW moments in bf16 (DeepSeek-V3 section 3.3.3).")
+    grad_reduce_dtype: str = doc("fp32", "Dtype of the data-parallel gradient reduce-scatter: fp32 (gradients "
+                                         "upcast, then summed) or bf16 (half the bytes, summed in bf16). The "
+                                         "received shard is upcast to fp32 for the norm and AdamW.")
 
     def __post_init__(self):
         require(self.lr > 0, "lr", self.lr, "must be positive")
@@ -56,6 +59,8 @@ class OptimConfig:
         require(self.eps > 0, "eps", self.eps, "must be positive")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+        require(self.grad_reduce_dtype in ("fp32", "bf16"), "grad_reduce_dtype", self.grad_reduce_dtype,
+                "must be fp32 or bf16")
 
 
 # What `schedule.phases` may schedule, with the smallest value each allows.
@@ -117,7 +122,12 @@ class TrainConfig:
                                "micro-batches); schedule.phases may ramp it.")
     seed: int = doc(0, "Seed of parameter init and everything random in the run.")
     device: str = doc("auto", "auto (cuda if available, else cpu), cpu or cuda.")
-    dtype: str = doc("auto", "Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    dtype: str = doc("auto", "Compute dtype: auto (bf16 autocast on CUDA or with bf16 parameters, fp32 on CPU), "
+                             "fp32 or bf16.")
+    param_dtype: str = doc("fp32", "Dtype of the model's parameters and gradients: fp32 or bf16 (then the fp32 master "
+                                   "weights and AdamW moments live only in the optimizer, sharded by ZeRO-1, and the "
+                                   "parameter all-gather runs in bf16). bf16 needs bf16 compute (train.dtype bf16 "
+                                   "or auto). Default fp32: bf16 parameters are not measured on a GPU yet.")
     output_dir: str = doc("runs/tiny", "Where logs, metrics and checkpoints go.")
     on_nan: str = doc("halt", "On a non-finite loss or gradient: halt (save nothing; one error line naming the parameter, exit 2) or skip (drop the step; halt as above after max_nan_skips).")
     max_nan_skips: int = doc(10, "With on_nan=skip, halt after this many skipped steps.")
@@ -139,6 +149,10 @@ class TrainConfig:
                 "and train.tokens are both 0; set train.steps or train.tokens (e.g. 14.8T) to end the run")
         require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
         require(self.dtype in ("auto", "fp32", "bf16"), "dtype", self.dtype, "must be auto, fp32 or bf16")
+        require(self.param_dtype in ("fp32", "bf16"), "param_dtype", self.param_dtype, "must be fp32 or bf16")
+        require(not (self.param_dtype == "bf16" and self.dtype == "fp32"), "param_dtype", self.param_dtype,
+                "needs bf16 compute, but train.dtype = 'fp32' (fp32 autocast cannot multiply bf16 weights); set "
+                "train.dtype=bf16 (or auto), or train.param_dtype=fp32")
         require(self.on_nan in ("halt", "skip"), "on_nan", self.on_nan, "must be 'halt' or 'skip'")
         require(self.recompute in ("none", "selective", "full"), "recompute", self.recompute,
                 "must be none, selective or full")

@@ -22,8 +22,8 @@ def pick_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bf16" if use_cuda else "fp32"
+    if dtype == "auto":  # bf16 parameters need bf16 compute (train.param_dtype)
+        dtype = "bf16" if use_cuda or cfg.train.param_dtype == "bf16" else "fp32"
     return device, (torch.bfloat16 if dtype == "bf16" else None)
 
 

@@ -23,6 +23,7 @@ from parallel.engine.pipeline import apply_stage_policies, build_pipeline_engine
 from parallel.engine.zero import ZeroEngine
 from parallel.expert import parallelize_experts
 from parallel.pipeline.overlap import overlap_path
+from parallel.precision import DTYPES, cast_params_
 from parallel.topology import Topology
 
 __all__ = ["Engine", "StepMetrics", "build_engine"]
@@ -40,14 +41,19 @@ def build_engine(cfg, topology: Topology, device: torch.device, autocast_dtype: 
     if topology.pp > 1:
         return build_pipeline_engine(cfg, topology, device, provider, make_context)
     model = build_model(cfg, provider=provider).to(device)
+    param_dtype = DTYPES[cfg.train.param_dtype]
     if topology.world_size == 1:
+        optimizer = build_optimizer(model, cfg.optim, master_weights=param_dtype != torch.float32)
+        cast_params_(model, param_dtype)  # after the optimizer took its fp32 masters
         apply_block_policies(model, cfg.train, device)
-        return LocalEngine(model, build_optimizer(model, cfg.optim), topology, device, make_context,
-                           cfg.optim.grad_clip)
+        return LocalEngine(model, optimizer, topology, device, make_context, cfg.optim.grad_clip)
     dispatcher = None
     if topology.ep > 1:
         dispatcher = parallelize_experts(model, topology, node_limited=cfg.parallel.node_limited_dispatch)
     zero = ZeroAdamW.from_config(model, topology, cfg.optim, grad_scale=1.0)  # losses are shares: sum
+    cast_params_(model, param_dtype)  # after ZeRO took its fp32 masters
+    if not cfg.train.compile:  # a pre-hook inside a compiled block would break its graph
+        zero.defer_gather(model)
     paired = None
     if cfg.parallel.overlap_on(topology.ep):  # the model runs in pieces: the pipeline's policies
         apply_stage_policies(model, cfg, device, split_w=False)

@@ -1,8 +1,9 @@
 """One process: plain autograd and the project's AdamW (`parallel.adamw`) on the whole model.
 
 Its checkpoint tensors are those of every other layout (`model.<name>`, `optim.<name>.{master,
-exp_avg,exp_avg_sq}`, `optim.step`): the fp32 parameter is its own master copy, so a run of
-one process resumes from a sharded checkpoint and a sharded run from this one's.
+exp_avg,exp_avg_sq}`, `optim.step`): an fp32 parameter is its own master copy (bf16 parameters,
+`train.param_dtype`: the AdamW keeps an fp32 master per parameter), so a run of one process
+resumes from a sharded checkpoint and a sharded run from this one's.
 """
 from __future__ import annotations
 
@@ -68,25 +69,45 @@ class LocalEngine:
             if not p.requires_grad:
                 continue
             per = self.optimizer.state.get(p, {})
-            state[f"optim.{name}.master"] = p.detach()
+            state[f"optim.{name}.master"] = per["master"] if "master" in per else p.detach()
             for key in ("exp_avg", "exp_avg_sq"):
-                state[f"optim.{name}.{key}"] = per[key].float() if per else torch.zeros_like(p, dtype=torch.float32)
-            step = max(step, int(per["step"].item()) if per else 0)
+                state[f"optim.{name}.{key}"] = (per[key].float() if key in per
+                                                else torch.zeros_like(p, dtype=torch.float32))
+            step = max(step, int(per["step"].item()) if "step" in per else 0)
         state["optim.step"] = torch.tensor(step, dtype=torch.int64)
         return state
 
+    def load_targets(self) -> dict[str, Tensor]:
+        """What a load reads into: the state's tensors, with every master a tensor of its own (not
+        the parameter that is its own master in fp32), so that a checkpoint's fp32 masters arrive
+        whole whatever dtype its `model.*` weights have."""
+        state = self.state_dict()
+        for key, v in state.items():
+            if key.endswith(".master"):
+                state[key] = v.detach().float().clone()
+        return state
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Model tensors; the optimizer's too unless the checkpoint holds weights only."""
+        """Model tensors; the optimizer's too unless the checkpoint holds weights only. With
+        optimizer state the parameters are the checkpoint's fp32 masters (cast to their dtype):
+        a resume across `train.param_dtype` is exact."""
         with torch.no_grad():
             self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
         self.optimizer.state.clear()
         step = int(state["optim.step"]) if "optim.step" in state else 0
-        if step == 0:
-            return
         dtype = self.optimizer.moment_dtype
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                self.optimizer.state[p] = {
-                    "step": torch.tensor(float(step), dtype=torch.float32),
-                    "exp_avg": state[f"optim.{name}.exp_avg"].to(p.device, dtype, copy=True),
-                    "exp_avg_sq": state[f"optim.{name}.exp_avg_sq"].to(p.device, dtype, copy=True)}
+            if not p.requires_grad:
+                continue
+            per = {}
+            if step:
+                per = {"step": torch.tensor(float(step), dtype=torch.float32),
+                       "exp_avg": state[f"optim.{name}.exp_avg"].to(p.device, dtype, copy=True),
+                       "exp_avg_sq": state[f"optim.{name}.exp_avg_sq"].to(p.device, dtype, copy=True)}
+                with torch.no_grad():
+                    p.copy_(state[f"optim.{name}.master"])
+            if self.optimizer.master_weights:
+                source = state[f"optim.{name}.master"] if step else p
+                per["master"] = source.detach().to(p.device, torch.float32, copy=True)
+            if per:
+                self.optimizer.state[p] = per

@@ -46,6 +46,7 @@ from parallel.pipeline.overlap import OverlapModelChunk, OverlapPairExecutor
 from parallel.pipeline.policies import apply_stage_compile, apply_stage_recompute, describe_paths
 from parallel.pipeline.runtime import PairExecutor, PipelineRuntime, reduce_shared_grads
 from parallel.pipeline.schedules import Schedule, build_schedule, smallest_micro
+from parallel.precision import DTYPES, cast_params_
 from parallel.topology import Topology
 
 log = logging.getLogger("moepipe")
@@ -119,6 +120,7 @@ class PipelineEngine(ZeroEngine):
     def eval_forward(self, batch: Batch):
         """The head stage's output on its rank, None on the others (every pp rank calls it)."""
         topo = self.topology
+        self.zero.wait_params()
         stages = [chunk.inner.model for chunk in self.runtime.chunks]
         return forward_in_stage_order(self.runtime.schedule.placement, topo.pp_rank, stages, batch, self.make_context,
                                       topo.ranks("pp"), topo.group("pp"), self.device)
@@ -204,6 +206,9 @@ def build_pipeline_engine(cfg, topology: Topology, device: torch.device, provide
     apply_stage_policies(model, cfg, device, split_w=has_w and provider is None)
     zero = PipelineZeroAdamW.from_config(model, topology, cfg.optim, skip_in_norm=held_lower(model, topology),
                                          grad_scale=1.0)
+    cast_params_(model, DTYPES[cfg.train.param_dtype])  # after ZeRO took its fp32 masters
+    if not cfg.train.compile:  # a pre-hook inside a compiled piece would break its graph
+        zero.defer_gather(model)
     train_chunks = [TrainChunk(c, make_context) for c in chunks]
 
     def make_runtime(n: int) -> PipelineRuntime:

@@ -42,6 +42,7 @@ class ZeroEngine:
         self._norm = 0.0
 
     def eval_forward(self, batch: Batch):
+        self.zero.wait_params()
         return eval_forward(self.model, batch, self.make_context)
 
     def step_batches(self, batches: list[Batch]) -> list[Batch]:
@@ -102,16 +103,20 @@ class ZeroEngine:
     def state_dict(self) -> dict:
         """What this rank writes: views of its tensors, nothing gathered or copied (module doc);
         the ZeRO state of a parameter that a lower pp rank holds too is that rank's to write."""
+        self.zero.wait_params()  # the parameters hold the last step's update
         return sharded_state(self.model, self.topology, self.zero, skip=getattr(self.zero, "duplicates", set()))
 
     def load_targets(self) -> dict:
         """What this rank reads (every shard it holds): DCP reads into these views in place."""
+        self.zero.wait_params()  # no all-gather in flight overwrites what is read
         return sharded_state(self.model, self.topology, self.zero)
 
     def load_state_dict(self, state: dict) -> None:
         """After DCP has read into `load_targets()` (the ZeRO shards in place): the step; when the
         checkpoint holds weights only, the fp32 masters are re-read from the loaded parameters and
-        the moments start at zero. Model tensors from elsewhere are copied in."""
+        the moments start at zero. Model tensors from elsewhere are copied in. With optimizer
+        state the parameters are then the masters' values (cast to the parameters' dtype), so
+        that a resume across `train.param_dtype` is exact too."""
         local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()
                  if k.startswith("model.")}
         with torch.no_grad():
@@ -120,6 +125,7 @@ class ZeroEngine:
             self.zero.reset_from_params()
             return
         self.zero.step_count = int(state["optim.step"])
+        self.zero.params_from_master()
 
 
 def _ep_mesh(topology: Topology, device: str) -> DeviceMesh | None:

@@ -1,8 +1,9 @@
 """`python -m trainer.plan CONFIG --gpus N --gpus-per-node 8 --gpu h800 --seq 4096 [--global-batch B]`.
 
 Ranks the parallel layouts of a model config on a cluster by predicted tokens/s per GPU: for
-each, the fullest rank's memory (weights, gradients, fp32 master and AdamW moments under
-ZeRO-1, activations at the schedule's peak, all-to-all buffers), the step time, MFU and the
+each, the fullest rank's memory (weights and gradients in `train.param_dtype`, fp32 master and
+AdamW moments under ZeRO-1, activations at the schedule's peak, all-to-all buffers, what a
+checkpoint save allocates; an async save's host staging copy beside it), the step time, MFU and the
 pipeline bubble, and the `--set` overrides that run it. Layouts that do not fit are listed with
 the component that puts them over budget. `--png` draws the memory breakdown of the top layouts.
 The global batch defaults to the config's largest (`train.global_batch` or its phases). For a run
@@ -36,8 +37,9 @@ def _row(i: int, e: Estimate) -> str:
 
 
 def breakdown(e: Estimate) -> str:
-    parts = ", ".join(f"{k} {e.memory[k] / GIB:.1f}" for k in COMPONENTS)
-    return f"pp rank {e.rank}: {parts} = {e.total / GIB:.1f} of {e.budget / GIB:.0f} GiB"
+    parts = ", ".join(f"{k} {e.memory[k] / GIB:.{2 if 0 < e.memory[k] < 0.1 * GIB else 1}f}" for k in COMPONENTS)
+    host = f"; host: async save stages {e.host / GIB:.1f} GiB" if e.host else ""
+    return f"pp rank {e.rank}: {parts} = {e.total / GIB:.1f} of {e.budget / GIB:.0f} GiB{host}"
 
 
 def report(ranked: list[Estimate], failed: list[Estimate], untimed: int, cl: Cluster, top: int,
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"parameters and gradients in {cfg.train.param_dtype} (train.param_dtype), "
+          f"{'async' if cfg.checkpoint.async_save else 'synchronous'} checkpoint saves (checkpoint.async_save)")
     print(report(ranked, failed, untimed, cl, args.top, args.why))
     if cfg.train.tokens and ranked:
         print(f"\nthe whole run ({format_tokens(cfg.train.tokens)} tokens, the config's batch schedule "

@@ -21,14 +21,14 @@ from parallel.topology import plan_layout
 from trainer.config import ConfigError
 from trainer.plan.flops import flops_per_token
 from trainer.plan.hardware import GIB, GPU, Efficiency
-from trainer.plan.memory import (activation_model, param_inventory, rank_params, recompute_peak_bytes,
-                                 stage_activation_bytes, static_bytes)
+from trainer.plan.memory import (BF16, FP32, activation_model, param_inventory, rank_params, recompute_peak_bytes,
+                                 save_bytes, stage_activation_bytes, static_bytes)
 from trainer.plan.timing import (PAIRED_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
                                stage_flops, stage_work)
 
 MICRO_BATCH_SIZES = (1, 2, 4)
 RECOMPUTE = ("none", "full")
-COMPONENTS = ("weights", "grads", "master", "moments", "activations", "a2a_buffers", "reserved")
+COMPONENTS = ("weights", "grads", "master", "moments", "activations", "a2a_buffers", "save", "reserved")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Estimate:
     mfu: float = 0.0
     bubble: float = 0.0               # share of the pipeline makespan idle on the busiest rank
     notes: list[str] = field(default_factory=list)
+    host: float = 0.0                 # host bytes of that rank: an async save's staging copy
 
     @property
     def total(self) -> float:
@@ -224,7 +225,9 @@ def _static_cached(cfg_id: int, layout, stages: tuple, ep: int, dp: int, bf16_mo
     last = len(layout) - 1
     blocks = sorted(i for s in stages for i in layout[s])
     params = rank_params(inventory, blocks, embed=0 in stages, head=last in stages, cfg=cfg)
-    return static_bytes(params, ep, dp, bf16_moments, cfg.optim.weight_decay), params
+    param_bytes = BF16 if cfg.train.param_dtype == "bf16" else FP32
+    st = static_bytes(params, ep, dp, bf16_moments, cfg.optim.weight_decay, param_bytes)
+    return st, params, save_bytes(params, ep, dp, st, cfg.checkpoint.async_save, param_bytes)
 
 
 @lru_cache(maxsize=4096)
@@ -264,7 +267,7 @@ def memory(cfg, c: Candidate, cl: Cluster, act_bytes: int = 2, attention_core: s
     last = len(c.layout) - 1
     best = None
     for r, stages in enumerate(_rank_stages(c)):
-        st, _ = _static(cfg, c, stages)
+        st, _, save = _static(cfg, c, stages)
         acts = [stage_activation_bytes(cfg, am, list(c.layout[s]), s == last, tokens, act_bytes, c.fp8, c.recompute)
                 for s in stages]
         ov = cfg.parallel.overlap_on(c.ep)
@@ -277,8 +280,8 @@ def memory(cfg, c: Candidate, cl: Cluster, act_bytes: int = 2, attention_core: s
             pairs = 2 if ov else 1  # an overlapped F&B pair has two micro-batches' rows in flight
             a2a = 2.0 * pairs * tokens * cfg.moe.topk * cfg.model.hidden_size * act_bytes
         mem = {"weights": st.weights, "grads": st.grads, "master": st.master, "moments": st.moments,
-               "activations": peak, "a2a_buffers": a2a, "reserved": cl.eff.reserved_gib * GIB}
-        est = Estimate(c, mem, r, cl.gpu.memory_bytes)
+               "activations": peak, "a2a_buffers": a2a, "save": save.device, "reserved": cl.eff.reserved_gib * GIB}
+        est = Estimate(c, mem, r, cl.gpu.memory_bytes, host=save.host)
         if best is None or est.total > best.total:
             best = est
     return best
@@ -295,7 +298,7 @@ def _works(cfg, c: Candidate, cl: Cluster) -> list:
 
 
 def _dp_seconds(cfg, c: Candidate, cl: Cluster) -> float:
-    _, params = _static(cfg, c, _rank_stages(c)[0])
+    _, params, _ = _static(cfg, c, _rank_stages(c)[0])
     dense = sum(p.numel for p in params if not p.expert)
     expert = sum(p.numel // c.ep for p in params if p.expert)
     return dp_seconds(dense, expert, c.dp, c.ep, cl.gpus_per_node, cl.gpu, cl.eff)

@@ -2,11 +2,19 @@
 
 Static bytes are exact for this trainer (checked against real ranks in tests/unit/
 test_plan_memory.py and benchmarks/bench_plan.py): every rank holds its pipeline stages as one
-model (DualPipe: stages r and pp-1-r of the two copies; DualPipeV: r and 2pp-1-r) with fp32
-parameters and fp32 gradients, routed experts split over ep; ZeRO-1 (DeepSeek-V3 section 3.1)
-keeps 1/dp of the fp32 master copy and of the AdamW moments of dense parameters and 1/edp of
-the expert ones, in 25 MB buckets padded to a multiple of the group size (parallel.data_parallel).
-Moments are bf16 with `optim.bf16_moments` (section 3.3.3).
+model (DualPipe: stages r and pp-1-r of the two copies; DualPipeV: r and 2pp-1-r) with
+parameters and gradients of `train.param_dtype` (fp32 or bf16, parallel.precision), routed
+experts split over ep; ZeRO-1 (DeepSeek-V3 section 3.1) keeps 1/dp of the fp32 master copy and
+of the AdamW moments of dense parameters and 1/edp of the expert ones, in 25 MB buckets padded to
+a multiple of the group size (parallel.data_parallel). Moments are bf16 with
+`optim.bf16_moments` (section 3.3.3).
+
+Checkpoints (`save_bytes`): a sharded save writes the rank's ZeRO shards and its share of the
+weights in place, so on the device it allocates at most one bucket on top of them (DCP copies a
+view whose storage is larger than itself, one item at a time: tests/distributed/
+test_sharded_save.py bounds a save by the shard plus one bucket); an async save
+(`checkpoint.async_save`) stages a host copy of what the rank writes: its master and moment
+shards, and its share (1/dp of the dense weights, 1/edp of its expert rows) of the weights.
 
 Activations are an analytic count of the tensors autograd saves per token of each block, by
 module (RMSNorm saves its input, the normalised input and its output; a SwiGLU four
@@ -103,12 +111,34 @@ class StaticBytes:
     moments: int
 
 
-def static_bytes(params: list[Param], ep: int, dp: int, bf16_moments: bool, weight_decay: float) -> StaticBytes:
-    """fp32 weights and gradients of the held parameters, and the ZeRO-1 optimizer shards."""
+def static_bytes(params: list[Param], ep: int, dp: int, bf16_moments: bool, weight_decay: float,
+                 param_bytes: int = FP32) -> StaticBytes:
+    """Weights and gradients (`param_bytes` each: 4 fp32, 2 bf16) of the held parameters, and the
+    ZeRO-1 optimizer shards (fp32 master, fp32 or bf16 moments)."""
     elements = sum(p.numel // ep if p.expert else p.numel for p in params)
     shard = zero_shard_elements(params, ep, dp, weight_decay)
-    return StaticBytes(weights=FP32 * elements, grads=FP32 * elements, master=FP32 * shard,
+    return StaticBytes(weights=param_bytes * elements, grads=param_bytes * elements, master=FP32 * shard,
                        moments=2 * (BF16 if bf16_moments else FP32) * shard)
+
+
+@dataclass
+class SaveBytes:
+    device: int     # what a sharded save allocates on the device on top of the live state
+    host: int       # an async save's host staging copy of what the rank writes (0 when synchronous)
+
+
+def save_bytes(params: list[Param], ep: int, dp: int, st: StaticBytes, async_save: bool,
+               param_bytes: int = FP32) -> SaveBytes:
+    """A checkpoint's extra memory on one rank (module doc): one fp32 bucket where the save reads
+    the live tensors (the device; the host with `async_save`), plus the async save's host copy
+    of its ZeRO shards and of its share of the weights."""
+    bucket = FP32 * BUCKET_ELEMENTS
+    if not async_save:
+        return SaveBytes(device=bucket, host=0)
+    dense = sum(p.numel for p in params if not p.expert)
+    expert = sum(p.numel // ep for p in params if p.expert)
+    share = dense / dp + expert / (dp // ep)   # replicas are written by one rank of each group of holders
+    return SaveBytes(device=0, host=st.master + st.moments + math.ceil(param_bytes * share) + bucket)
 
 
 # ----------------------------------------------------------------------------- activations
