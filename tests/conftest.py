@@ -4,10 +4,35 @@
 of the 8 bundled dumps, about 400 KB read, deduplicated across editions, an 8k-vocab BPE, best-fit
 packing at L = 256) and returns `(output_dir, DataConfig)`. Use
 `data.stream.TokenStream(output_dir, cfg.seq_len, rank, world_size, seed)` to read it.
+
+Test files run in parallel worker processes (pytest-xdist, `-n auto --dist loadfile` in
+pyproject.toml): a whole file goes to one worker, so module fixtures (the Slurm cluster on its
+fixed ports, a file's prepared data) exist once. Much of the suite waits rather than computes
+(Slurm requeues, process start-up, ranks waiting on each other), so two workers on two cores
+overlap those waits with other files' work. Each worker gets its share of the cores as torch
+threads; the multi-rank tests pin one thread per rank themselves.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most MAX_WORKERS (each multi-rank test starts 2-4
+    processes of its own), at least 2."""
+    return max(2, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(scope="session")
