@@ -5,7 +5,7 @@ Debian's slurm-wlm runs several slurmd on one host when each has its own NodeNam
 by the package (no systemd here), so this module writes a slurm.conf into a scratch directory,
 starts munged (unless one already answers), slurmctld and the two slurmd, adds `n1 n2` to
 /etc/hosts so torchrun's rendezvous resolves the node names, and undoes all of it in `stop()`:
-daemons are stopped by the PIDs this module started, /etc/hosts is restored byte for byte. Two settings keep the tests fast: cred_expire=10 (a requeued
+daemons are stopped by the PIDs this module started, /etc/hosts is restored byte for byte. Two settings keep the tests fast: cred_expire=5 (a requeued
 job waits that long instead of 120 s before it may start again) and sched_interval=2.
 Clients find the cluster through SLURM_CONF (`cluster.env`), never /etc/slurm.
 
@@ -56,7 +56,7 @@ SlurmctldPort={CTLD_PORT}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
