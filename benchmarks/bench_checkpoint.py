@@ -26,6 +26,7 @@ from benchmarks.memtrace import peak_cpu_bytes
 from data.identity import sha256_file
 from model.transformer import build_model
 from parallel import checkpoint as ckpt
+from parallel.checkpointer import Checkpointer, stage
 from parallel.config import ParallelConfig
 from parallel.data_parallel import OPT_KEYS, ZeroAdamW
 from parallel.engine.zero import ZeroEngine, _ep_mesh, _wrap
@@ -104,7 +105,7 @@ def load_after(engine, path):
 
 
 def loop_blocked(engine, root, async_save):
-    saver = ckpt.Checkpointer(root, "x: 1\n", 2, engine.topology, async_save)
+    saver = Checkpointer(root, "x: 1\n", 2, engine.topology, async_save)
     blocked, _ = timed(lambda: saver.save(2, engine.state_dict(), {"step": 2}))
     waited, _ = timed(saver.wait)
     return blocked, waited
@@ -155,7 +156,7 @@ def main():
         rows[f"loop blocked per save, {name} (s)"] = blocked
         if mode:
             rows["async: background write after the save returned (s)"] = waited
-            peak, _, staged = peak_cpu_bytes(lambda: ckpt.stage(engine.state_dict(), engine.topology))
+            peak, _, staged = peak_cpu_bytes(lambda: stage(engine.state_dict(), engine.topology))
             rows["async: host memory staged (MiB)"] = peak / 2**20
     table = [None] * world
     dist.all_gather_object(table, rows)

@@ -25,6 +25,7 @@ import torch
 from data.stream import TokenStream
 from model.batch import make_batch
 from parallel import checkpoint as ckpt
+from parallel.checkpointer import Checkpointer
 from parallel.engine import Engine, StepMetrics
 from trainer.config import Config, dump_yaml
 from trainer.diagnostics import Monitor
@@ -163,7 +164,7 @@ def train(run: Run, metrics: MetricsWriter) -> Run:
     """The loop: steps until the run's last step or a stop signal; checkpoints on schedule and at the end."""
     cfg, engine = run.cfg, run.engine
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.logging.peak_tflops, engine.device)
-    saver = ckpt.Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), dump_yaml(cfg),
+    saver = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), dump_yaml(cfg),
                               cfg.checkpoint.keep_last, engine.topology, cfg.checkpoint.async_save)
     timer = StepTimer(engine.device)
     saved = run.step  # a resumed run starts from a saved step

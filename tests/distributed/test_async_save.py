@@ -9,6 +9,7 @@ import torch
 
 from model.batch import make_batch
 from parallel import checkpoint as ckpt
+from parallel.checkpointer import Checkpointer
 from parallel.config import ParallelConfig
 from parallel.data_parallel import ZeroAdamW
 from parallel.engine.zero import ZeroEngine
@@ -55,7 +56,7 @@ def _full(engine):
 
 def _case(rank, world, root):
     engine = _engine(ep=2, seed=0)
-    saver = ckpt.Checkpointer(root, "x: 1\n", 5, engine.topology, async_save=True)
+    saver = Checkpointer(root, "x: 1\n", 5, engine.topology, async_save=True)
     _train_step(engine, rank, 1)
     at_save, shards = _full(engine), expert_shards(engine.model)
     saver.save(1, engine.state_dict(), {"step": 1})

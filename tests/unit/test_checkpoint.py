@@ -9,6 +9,7 @@ import torch
 
 from data.identity import sha256_file
 from parallel import checkpoint as ckpt
+from parallel.checkpointer import AsyncWriter
 
 
 def test_write_read_round_trip_and_retention(tmp_path):
@@ -76,7 +77,7 @@ def test_rng_state_round_trip():
 
 
 def test_async_writer_surfaces_errors(tmp_path):
-    writer = ckpt.AsyncWriter()
+    writer = AsyncWriter()
     writer.submit(str(tmp_path), 5, {"w": torch.zeros(3)}, "", 1)
     writer.wait()
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000005")

@@ -5,7 +5,7 @@ Parameters and gradients are measured on models cast as the trainer casts them
 (`parallel.precision.cast_params_`, after ZeroAdamW took its fp32 masters), the gradients after
 a real backward under bf16 autocast; the rank of an 8-rank pipeline x expert layout is built in
 this process as in tests/unit/test_plan_memory.py. An async save's host staging is the sum of
-what `parallel.checkpoint.stage` copies (one process: it writes everything), model buffers (the
+what `parallel.checkpointer.stage` copies (one process: it writes everything), model buffers (the
 router bias, which the planner leaves out) aside.
 """
 import pytest
@@ -13,7 +13,7 @@ import torch
 
 from model.batch import make_batch
 from model.transformer import build_model
-from parallel.checkpoint import stage
+from parallel.checkpointer import stage
 from parallel.data_parallel import ZeroAdamW
 from parallel.engine import build_engine
 from parallel.expert import parallelize_experts
