@@ -5,12 +5,14 @@ of the 8 bundled dumps, about 400 KB read, deduplicated across editions, an 8k-v
 packing at L = 256) and returns `(output_dir, DataConfig)`. Use
 `data.stream.TokenStream(output_dir, cfg.seq_len, rank, world_size, seed)` to read it.
 
-Test files run in parallel worker processes (pytest-xdist, `-n auto --dist loadfile` in
-pyproject.toml): a whole file goes to one worker, so module fixtures (the Slurm cluster on its
-fixed ports, a file's prepared data) exist once. Much of the suite waits rather than computes
-(Slurm requeues, process start-up, ranks waiting on each other), so two workers on two cores
-overlap those waits with other files' work. Each worker gets its share of the cores as torch
-threads; the multi-rank tests pin one thread per rank themselves.
+Test files run in parallel worker processes (pytest-xdist, `-n auto --dist loadfile
+--no-loadscope-reorder` in pyproject.toml): a whole file goes to one worker, so module fixtures
+(the Slurm cluster on its fixed ports, a file's prepared data) exist once. Files start longest
+first (`FIRST`, then the end-to-end, multi-rank and unit folders), so the suite does not end on one
+long file while the other workers are idle; xdist's own order (most tests first) started the
+one-test golden run last. `auto` is one worker per core: a third worker on two cores was measured
+slower (its multi-rank tests oversubscribe the cores). Each worker gets its share of the cores as
+torch threads; the multi-rank tests pin one thread per rank themselves.
 """
 from __future__ import annotations
 
@@ -19,12 +21,27 @@ import os
 import pytest
 
 MAX_WORKERS = 4
+# The longest files (seconds in a worker on a quiet 2-core machine): Slurm 220, pipeline e2e 92,
+# train e2e 84, golden 76, batch ramp 62, validation 60, bf16 parameters 57, hang 51.
+FIRST = ("e2e/test_slurm.py", "e2e/test_train_pipeline.py", "e2e/test_train.py", "e2e/test_golden.py",
+         "e2e/test_batch_ramp.py", "e2e/test_validation.py", "distributed/test_bf16_params.py", "e2e/test_hang.py")
+FOLDERS = ("e2e", "distributed", "unit")
 
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most MAX_WORKERS (each multi-rank test starts 2-4
     processes of its own), at least 2."""
     return max(2, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first: FIRST in its order, then by folder; tests keep their order in a file."""
+    def key(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        folder = path.split("/")[0]
+        return (FIRST.index(path) if path in FIRST else len(FIRST),
+                FOLDERS.index(folder) if folder in FOLDERS else len(FOLDERS))
+    items.sort(key=key)
 
 
 def pytest_configure(config):
