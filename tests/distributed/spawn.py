@@ -42,9 +42,19 @@ def _entry(fn, rank, world_size, port, args, env, results):
             dist.destroy_process_group()
 
 
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "model.transformer", "parallel.engine",
+           "tests.distributed.spawn"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return values in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, env or {}, results), daemon=True)
