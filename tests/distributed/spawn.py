@@ -1,6 +1,6 @@
 """One small helper to run a function on N real gloo ranks, one process each.
 
-`run_ranks(fn, world_size, *args)` starts `world_size` spawned processes, builds a gloo process
+`run_ranks(fn, world_size, *args)` starts `world_size` processes, builds a gloo process
 group in each (a fresh free port per call), runs `fn(rank, world_size, *args)` and returns the
 per-rank return values in rank order. A rank that raises makes the call raise with that rank's
 traceback; a hang past `timeout` kills every rank and raises. `fn` must be importable (a
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, args, env, results):
+def _entry(fn, rank, world_size, port, args, env, group, results):
     import torch
     import torch.distributed as dist
 
@@ -32,7 +32,8 @@ def _entry(fn, rank, world_size, port, args, env, results):
                        "LOCAL_WORLD_SIZE": str(world_size), **env})
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if group:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException:  # report any failure, including asserts, to the parent
@@ -43,7 +44,7 @@ def _entry(fn, rank, world_size, port, args, env, results):
 
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "model.transformer", "parallel.engine",
-           "tests.distributed.spawn"]
+           "trainer.train", "trainer.loop", "data.stream", "tests.distributed.spawn"]
 
 
 def _context():
@@ -52,12 +53,16 @@ def _context():
     return ctx
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None) -> list:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return values in rank order."""
+def run_ranks(fn, world_size: int, *args, timeout: float = 240.0, env: dict | None = None,
+              group: bool = True) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return values in rank order.
+    `group=False`: the launcher's environment only (MASTER_ADDR, RANK, WORLD_SIZE, ...), for a
+    `fn` that builds its own process group, as the trainer does under torchrun."""
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, env or {}, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, env or {}, group, results),
+                         daemon=group)  # the trainer's ranks may start data-preparation workers
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -8,7 +8,7 @@ speed drops to 0, the lr holds then decays by a cosine, and the run ends at trai
 pp 2 (4, 8, 12 micro-batches) all take the same sequences per step:
   - one process, killed with SIGKILL right after step 3 (its last checkpoint is step 2, before
     the batch grows), resumes to bit-identical losses and grad norms;
-  - dp 4 x ep 2 (torchrun, 4 ranks) and DualPipeV (2 ranks) match one process to float rounding,
+  - dp 4 x ep 2 (4 ranks) and DualPipeV (2 ranks) match one process to float rounding,
     and DualPipeV resumes its own step-2 checkpoint exactly (the step, tokens seen and data
     position are layout-independent state; exact multi-rank resume at a constant batch is
     tests/e2e/test_train.py's).
@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_train import ROOT, TINY, copy_checkpoint, losses, one_process, overrides, torchrun
+from tests.e2e.test_train import ROOT, TINY, copy_checkpoint, losses, one_process, overrides, ranks
 
 PHASES = ("schedule.phases={"
           "train.global_batch: [{until_tokens: 512, value: 4}, {until_tokens: 1024, value: 8}, "
@@ -100,7 +100,7 @@ def test_one_process_follows_every_phase_and_resumes_exactly_after_a_kill(data_r
 
 def test_data_x_expert_parallel_ramp_equals_one_process(data_root, reference, tmp_path):
     full = str(tmp_path / "full")
-    torchrun(4, overrides(data_root, full, *ARGS, "parallel.ep=2", "parallel.ranks_per_node=2", "checkpoint.every=0"))
+    ranks(4, overrides(data_root, full, *ARGS, "parallel.ep=2", "parallel.ranks_per_node=2", "checkpoint.every=0"))
     a = losses(full)
     assert [a[s]["grad_accum"] for s in STEPS] == [1, 1, 2, 3, 3]
     assert_close(losses(reference), a, STEPS)
@@ -109,10 +109,10 @@ def test_data_x_expert_parallel_ramp_equals_one_process(data_root, reference, tm
 def test_dualpipev_ramp_equals_one_process_and_resumes(data_root, reference, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     pp = ("parallel.pp=2", "parallel.schedule=dualpipev")
-    torchrun(2, overrides(data_root, full, *ARGS, *pp))
+    ranks(2, overrides(data_root, full, *ARGS, *pp))
     a = losses(full)
     assert [a[s]["grad_accum"] for s in STEPS] == [4, 4, 8, 12, 12]
     assert_close(losses(reference), a, STEPS)
     copy_checkpoint(full, 2, resumed)
-    torchrun(2, overrides(data_root, resumed, *ARGS, *pp))
+    ranks(2, overrides(data_root, resumed, *ARGS, *pp))
     assert_exact(a, losses(resumed), [3, 4, 5])

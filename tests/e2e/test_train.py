@@ -1,15 +1,14 @@
 """End to end on the real bundled corpus: resume equals an uninterrupted run (bit-exact in one
-process; exact at the same layout and close across layouts under torchrun with gloo, one process
+process; exact at the same layout and close across layouts on real gloo ranks, one process
 included both ways). That the tiny model learns is checked by tests/e2e/test_golden.py."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.distributed.spawn import run_ranks
 from trainer.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +47,7 @@ def test_resume_is_bit_exact_in_one_process(data_root, tmp_path):
 
 
 def one_process(args):
-    """trainer.train in this process with one thread, as the torchrun ranks (OMP_NUM_THREADS=1)."""
+    """trainer.train in this process with one thread, as each of the ranks."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -63,13 +62,19 @@ def copy_checkpoint(src_run, step, dst_run):
     shutil.copytree(os.path.join(src_run, name), os.path.join(dst_run, name))
 
 
-def torchrun(nproc, args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "-m", "trainer.train", TINY, "--set", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _train_rank(rank, world, argv):
+    from trainer.train import main
+    return main(argv)
+
+
+def ranks(nproc, args):
+    """`trainer.train`'s main on `nproc` real gloo ranks with torchrun's environment, one thread
+    each. The ranks fork from the test fork server (tests/distributed/spawn.py), which has
+    imported torch and the trainer once: a launch costs about a second instead of three
+    processes' start-up. torchrun itself is run by tests/e2e/test_torchrun.py, test_hang.py,
+    test_crash_resume.py and the Slurm tests."""
+    codes = run_ranks(_train_rank, nproc, [TINY, "--set", *args], timeout=600, group=False)
+    assert codes == [0] * nproc, codes
 
 
 def test_multi_rank_resume_same_layout_exact_and_other_layout_close(data_root, tmp_path):
@@ -79,11 +84,11 @@ def test_multi_rank_resume_same_layout_exact_and_other_layout_close(data_root, t
     full, same, other, one = (str(tmp_path / n) for n in ("full", "same", "other", "one"))
     args = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=5", "train.micro_batch_size=2",
             "data.seq_len=64", "model.max_seq_len=64"]
-    torchrun(2, overrides(data_root, full, *args, "parallel.ep=2"))
+    ranks(2, overrides(data_root, full, *args, "parallel.ep=2"))
     for out in (same, other, one):
         copy_checkpoint(full, 2, out)
-    torchrun(2, overrides(data_root, same, *args, "parallel.ep=2"))
-    torchrun(2, overrides(data_root, other, *args, "parallel.ep=1"))   # resharded: experts replicated
+    ranks(2, overrides(data_root, same, *args, "parallel.ep=2"))
+    ranks(2, overrides(data_root, other, *args, "parallel.ep=1"))   # resharded: experts replicated
     one_process(overrides(data_root, one, *args, "train.micro_batch_size=4"))
     a, b, c, d = losses(full), losses(same), losses(other), losses(one)
     assert sorted(b) == sorted(c) == sorted(d) == [3, 4]
@@ -103,9 +108,9 @@ def test_data_and_expert_parallel_run_equals_one_process(data_root, tmp_path):
             "model.max_seq_len=64"]
     one_process(overrides(data_root, one, *args))
     two_ranks = ("train.micro_batch_size=2", "parallel.ep=2", "parallel.ranks_per_node=1")
-    torchrun(2, overrides(data_root, two, *args, *two_ranks))
+    ranks(2, overrides(data_root, two, *args, *two_ranks))
     copy_checkpoint(one, 1, resumed)
-    torchrun(2, overrides(data_root, resumed, *args, *two_ranks))
+    ranks(2, overrides(data_root, resumed, *args, *two_ranks))
     a, b, c = losses(one), losses(two), losses(resumed)
     assert sorted(c) == [2, 3]
     for got, steps in ((b, (1, 2, 3)), (c, (2, 3))):

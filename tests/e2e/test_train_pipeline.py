@@ -1,4 +1,4 @@
-"""trainer.train with pipeline parallelism (parallel.pp = 2, torchrun, gloo) equals one process.
+"""trainer.train with pipeline parallelism (parallel.pp = 2, real gloo ranks) equals one process.
 
 The single-process run takes train.grad_accum = 4 micro-batches of 1 sequence per step; the
 pipeline runs the same 4 micro-batches through its schedule (every pp rank reads the same
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.e2e.test_train import TINY, copy_checkpoint, losses, one_process, overrides, torchrun
+from tests.e2e.test_train import TINY, copy_checkpoint, losses, one_process, overrides, ranks
 
 # a 512-token BPE keeps the output head (and each launch) small
 ARGS = ["train.steps=3", "data.seq_len=64", "model.max_seq_len=64", "train.micro_batch_size=1",
@@ -27,7 +27,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
-    """The single-process run (it also prepares the data for the torchrun runs); its directory
+    """The single-process run (it also prepares the data for the multi-rank runs); its directory
     holds a checkpoint of every step."""
     out = str(tmp_path_factory.mktemp("pp_ref"))
     one_process(overrides(data_root, out, *ARGS, "checkpoint.every=1", "checkpoint.keep_last=5"))
@@ -35,7 +35,7 @@ def reference(data_root, tmp_path_factory):
 
 
 def pipeline_run(data_root, out, schedule, *extra, nproc=2):
-    torchrun(nproc, overrides(data_root, out, *ARGS, "parallel.pp=2", f"parallel.schedule={schedule}", *extra))
+    ranks(nproc, overrides(data_root, out, *ARGS, "parallel.pp=2", f"parallel.schedule={schedule}", *extra))
     return losses(out)
 
 

@@ -1,12 +1,12 @@
 """Validation during training: in the log, metrics.jsonl and the plots, and equal (1e-5 relative) to
-`trainer.evaluate` run in one process on the checkpoint of the same step, in one process, under
-torchrun with dp 2 x ep 2 and with pipeline parallelism (pp 2) under every schedule (gloo)."""
+`trainer.evaluate` run in one process on the checkpoint of the same step, in one process, on
+real gloo ranks with dp 2 x ep 2 and with pipeline parallelism (pp 2) under every schedule."""
 import json
 import os
 
 import pytest
 
-from tests.e2e.test_train import TINY, losses, overrides, torchrun
+from tests.e2e.test_train import TINY, losses, overrides, ranks
 from trainer.evaluate import evaluate
 from trainer.plot import read_series
 from trainer.train import main
@@ -45,7 +45,7 @@ def test_one_process_validation_equals_standalone_evaluate(data_root, tmp_path):
 
 def test_dp_ep_validation_equals_one_process_on_the_same_checkpoint(data_root, tmp_path):
     out = str(tmp_path / "run")
-    torchrun(2, overrides(data_root, out, *EVAL, "parallel.ep=2", "train.micro_batch_size=2"))
+    ranks(2, overrides(data_root, out, *EVAL, "parallel.ep=2", "train.micro_batch_size=2"))
     _check_against_standalone(out, data_root, 4)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert all(json.loads(line)["step"] for line in f)
@@ -58,8 +58,9 @@ PP = [*EVAL, "train.steps=2", "train.micro_batch_size=1", "train.grad_accum=4", 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipe"])
 def test_pipeline_validation_equals_one_process_on_the_same_checkpoint(data_root, tmp_path, schedule):
     out = str(tmp_path / "run")
-    proc = torchrun(2, overrides(data_root, out, *PP, f"parallel.schedule={schedule}"))
-    assert "no validation" not in proc.stdout + proc.stderr
+    ranks(2, overrides(data_root, out, *PP, f"parallel.schedule={schedule}"))
+    with open(os.path.join(out, "train.log")) as f:
+        assert "no validation" not in f.read()
     _check_against_standalone(out, data_root, 2, val_steps=[2])
 
 
@@ -67,6 +68,6 @@ def test_dualpipev_with_dp_ep_validation_equals_one_process(data_root, tmp_path)
     """pp 2 x dp 2 x ep 2 on 4 ranks: stages 0 and 3 on pp rank 0 (the V), experts sharded, the
     sums added over both pipelines."""
     out = str(tmp_path / "run")
-    torchrun(4, overrides(data_root, out, *PP, "parallel.schedule=dualpipev", "parallel.ep=2",
+    ranks(4, overrides(data_root, out, *PP, "parallel.schedule=dualpipev", "parallel.ep=2",
                           "parallel.ranks_per_node=2"))
     _check_against_standalone(out, data_root, 2, val_steps=[2])
