@@ -12,7 +12,8 @@
 #   device_step   device_step.py: one training step with FP8 on, the expert all-to-all dispatcher
 #                 forced through NCCL on a world of one;
 #   tests         the CUDA tests: a whole step under torch.cuda.set_sync_debug_mode("error"),
-#                 grouped experts, flex vs dense attention, FP8 backends;
+#                 grouped experts, flex vs dense attention, FP8 backends; in one process without
+#                 the suite's addopts (its xdist options need pytest-xdist >= 3.6);
 #   model_medium  bench_model.py at the medium size.
 # Output is unbuffered and every benchmark appends each table row to OUT the moment it is
 # measured, so a step killed by its limit still returns what it measured. OUT holds at most 8
@@ -45,7 +46,7 @@ if [ "$MODE" = cpu ]; then
     add model_b1 240 "python benchmarks/bench_model.py --size micro --rounds 1 --device cpu --no-memory --out \$OUT"
     add fp8_e2e 240 "python benchmarks/bench_fp8.py --device cpu --no-compile --skip gemm --model-config configs/tiny.yaml $MICRO --out \$OUT/bench_fp8.md"
     add device_step 240 "python benchmarks/device_step.py --device cpu --fp8 auto --out \$OUT/device_step.md --set model.num_layers=2 data.seq_len=32"
-    add tests 240 "python -m pytest -q -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_collective_sites.py tests/unit/test_moe.py::test_grouped_gemm_equals_the_expert_loop_on_cpu tests/unit/test_attention_paths.py::test_flex_forward_equals_dense_on_cpu"
+    add tests 240 "python -m pytest -q -o addopts= -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_collective_sites.py tests/unit/test_moe.py::test_grouped_gemm_equals_the_expert_loop_on_cpu tests/unit/test_attention_paths.py::test_flex_forward_equals_dense_on_cpu"
     add model_medium 240 "python benchmarks/bench_model.py --size micro --models moepipe moepipe-loop --rounds 1 --device cpu --no-memory --out \$OUT"
 else
     if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
@@ -55,7 +56,7 @@ else
     add model_b1 160 "python benchmarks/bench_model.py --size b1 --rounds 3 --models moepipe torchtitan --out \$OUT"
     add fp8_e2e 100 "python benchmarks/bench_fp8.py --quick --skip gemm grouped --no-compile --recipes rowwise blockwise --out \$OUT/bench_fp8.md"
     add device_step 50 "python benchmarks/device_step.py --device cuda --fp8 rowwise --out \$OUT/device_step.md"
-    add tests 80 "python -m pytest -q -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_moe.py tests/unit/test_attention_paths.py tests/unit/test_fp8_backends.py"
+    add tests 80 "python -m pytest -q -o addopts= -p no:cacheprovider tests/unit/test_host_syncs.py tests/unit/test_moe.py tests/unit/test_attention_paths.py tests/unit/test_fp8_backends.py"
     add model_medium 55 "python benchmarks/bench_model.py --size medium --rounds 3 --models moepipe torchtitan --out \$OUT"
 fi
 

@@ -12,7 +12,9 @@ first (`FIRST`, then the end-to-end, multi-rank and unit folders), so the suite 
 long file while the other workers are idle; xdist's own order (most tests first) started the
 one-test golden run last. `auto` is one worker per core: a third worker on two cores was measured
 slower (its multi-rank tests oversubscribe the cores). Each worker gets its share of the cores as
-torch threads; the multi-rank tests pin one thread per rank themselves.
+torch threads; the multi-rank tests pin one thread per rank themselves and fork their ranks from a
+fork server that has imported torch once (tests/distributed/spawn.py), so a rank starts in well
+under a second.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import os
 import pytest
 
 MAX_WORKERS = 4
-# The longest files (seconds in a worker on a quiet 2-core machine): Slurm 220, pipeline e2e 92,
-# train e2e 84, golden 76, batch ramp 62, validation 60, bf16 parameters 57, hang 51.
-FIRST = ("e2e/test_slurm.py", "e2e/test_train_pipeline.py", "e2e/test_train.py", "e2e/test_golden.py",
-         "e2e/test_batch_ramp.py", "e2e/test_validation.py", "distributed/test_bf16_params.py", "e2e/test_hang.py")
+# The longest files (seconds in a worker on a quiet 2-core machine): Slurm 196, golden 84, validation
+# 50, hang 49, crash-resume 45, torchrun 38, pipeline e2e 37, train e2e 35.
+FIRST = ("e2e/test_slurm.py", "e2e/test_golden.py", "e2e/test_validation.py", "e2e/test_hang.py",
+         "e2e/test_crash_resume.py", "e2e/test_torchrun.py", "e2e/test_train_pipeline.py", "e2e/test_train.py")
 FOLDERS = ("e2e", "distributed", "unit")
 
 
