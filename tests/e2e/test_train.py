@@ -74,7 +74,11 @@ def ranks(nproc, args):
     processes' start-up. torchrun itself is run by tests/e2e/test_torchrun.py, test_hang.py,
     test_crash_resume.py and the Slurm tests."""
     codes = run_ranks(_train_rank, nproc, [TINY, "--set", *args], timeout=600, group=False)
-    assert codes == [0] * nproc, codes
+    if codes != [0] * nproc:  # the ranks' stderr is the fork server's; train.log says how far they got
+        out = next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir="))
+        log = os.path.join(out, "train.log")
+        tail = open(log).read()[-3000:] if os.path.exists(log) else "(none)"
+        raise AssertionError(f"exit codes {codes}; {log}:\n{tail}")
 
 
 def test_multi_rank_resume_same_layout_exact_and_other_layout_close(data_root, tmp_path):
