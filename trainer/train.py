@@ -145,12 +145,29 @@ def own_output_dir(cfg, topology, device):
 
 def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | None = None) -> int:
     from data.stream import stream_from_config
+    from trainer import init_from
+    from trainer.loop import total_steps
+
+    announce(cfg, topology, previous_holder, threads)
+    stream = stream_from_config(cfg.data, cfg.dedup, rank=topology.dp_rank, world_size=topology.dp)
+    run_ = build_run(cfg, stream, topology, device, autocast_dtype)
+    coverage = describe_validation(cfg, stream.dirs[0])
+    if coverage:
+        log.info(coverage)
+    path = resume(cfg, run_, topology)
+    init_from.start_stage(run_, cfg, resumed=path)
+    total = total_steps(run_)
+    if run_.step >= total:
+        log_complete(cfg, run_)
+        return 0
+    return train_to(cfg, run_, topology, device, total)
+
+
+def announce(cfg, topology, previous_holder, threads: str | None) -> None:
+    """The log files, the resolved config, the run's first lines; rank 0 removes what an
+    interrupted save or prune left (safe: the output-dir lock proves their writers are gone)."""
     from parallel import checkpoint as ckpt
-    from trainer import init_from, preflight
-    from trainer.diagnostics import Monitor
-    from trainer.loop import install_stop_handlers, load_state, total_steps, train
-    from trainer.phases import format_tokens
-    from trainer.metrics import MetricsWriter, setup_logging
+    from trainer.metrics import setup_logging
 
     setup_logging(cfg.train.output_dir, topology.rank)
     if previous_holder:
@@ -163,35 +180,51 @@ def _run(cfg, topology, device, autocast_dtype, previous_holder, threads: str | 
         log.info(threads)
     root = os.path.join(cfg.train.output_dir, "checkpoints")
     if topology.rank == 0:
-        for name in ckpt.remove_partial(root):  # safe: the lock proves their writers are gone
+        for name in ckpt.remove_partial(root):
             log.warning("removed %s, left by an interrupted save or prune", os.path.join(root, name))
-    stream = stream_from_config(cfg.data, cfg.dedup, rank=topology.dp_rank, world_size=topology.dp)
-    run_ = build_run(cfg, stream, topology, device, autocast_dtype)
-    coverage = describe_validation(cfg, stream.dirs[0])
-    if coverage:
-        log.info(coverage)
+
+
+def resume(cfg, run_, topology) -> str | None:
+    """Load checkpoint.resume's checkpoint into the run (None when there is none); say what a
+    changed schedule or optimizer setting means; an explicit older step starts a new branch."""
+    from parallel import checkpoint as ckpt
+    from trainer import preflight
+    from trainer.loop import load_state
+
     path = ckpt.resume_path(cfg.checkpoint.resume, cfg.train.output_dir)
-    if path:
-        preflight.check_model_matches(path, cfg)
-        load_state(run_, path)
-        log.info("resumed from %s at step %d", path, run_.step)
-        if cfg.checkpoint.resume != "auto" and topology.rank == 0:
-            aside = ckpt.start_branch(root, path)
-            if aside:
-                log.warning("resumed from an older checkpoint: the later ones of the old branch were moved to %s "
-                            "(kept, not deleted); pruning and checkpoint.resume=auto follow the new branch", aside)
-        for warning in [preflight.schedule_change(path, cfg), *preflight.optimizer_changes(path, cfg)]:
-            if warning:
-                log.warning(warning)
-    init_from.start_stage(run_, cfg, resumed=path)
-    total = total_steps(run_)
-    if run_.step >= total:
-        more = (f"train.tokens (e.g. --set train.tokens={format_tokens(2 * cfg.train.tokens)})" if cfg.train.tokens
-                else f"train.steps (e.g. --set train.steps={2 * cfg.train.steps})")
-        log.info("this run is complete: step %d of %s (%s tokens) in %s; to train further, raise %s, or start "
-                 "afresh in another train.output_dir", run_.step, describe_limit(cfg), format_tokens(run_.tokens),
-                 cfg.train.output_dir, more)
-        return 0
+    if not path:
+        return None
+    preflight.check_model_matches(path, cfg)
+    load_state(run_, path)
+    log.info("resumed from %s at step %d", path, run_.step)
+    if cfg.checkpoint.resume != "auto" and topology.rank == 0:
+        aside = ckpt.start_branch(os.path.join(cfg.train.output_dir, "checkpoints"), path)
+        if aside:
+            log.warning("resumed from an older checkpoint: the later ones of the old branch were moved to %s "
+                        "(kept, not deleted); pruning and checkpoint.resume=auto follow the new branch", aside)
+    for warning in [preflight.schedule_change(path, cfg), *preflight.optimizer_changes(path, cfg)]:
+        if warning:
+            log.warning(warning)
+    return path
+
+
+def log_complete(cfg, run_) -> None:
+    """A resumed run that has already reached its limit: say so, and how to train further."""
+    from trainer.phases import format_tokens
+    more = (f"train.tokens (e.g. --set train.tokens={format_tokens(2 * cfg.train.tokens)})" if cfg.train.tokens
+            else f"train.steps (e.g. --set train.steps={2 * cfg.train.steps})")
+    log.info("this run is complete: step %d of %s (%s tokens) in %s; to train further, raise %s, or start "
+             "afresh in another train.output_dir", run_.step, describe_limit(cfg), format_tokens(run_.tokens),
+             cfg.train.output_dir, more)
+
+
+def train_to(cfg, run_, topology, device, total: int) -> int:
+    """Train to `total` steps under the stop handlers and the monitor; 0, or EXIT_PREEMPTED when a
+    signal stopped the run early (its checkpoint is saved)."""
+    from trainer.diagnostics import Monitor
+    from trainer.loop import install_stop_handlers, train
+    from trainer.metrics import MetricsWriter
+
     previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     install_stop_handlers(run_)
     log.info("model: %s; training %d steps (%s)", describe_params(cfg, run_.model, topology), total,
