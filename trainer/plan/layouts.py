@@ -21,14 +21,14 @@ from parallel.topology import plan_layout
 from trainer.config import ConfigError
 from trainer.plan.flops import flops_per_token
 from trainer.plan.hardware import GIB, GPU, Efficiency
-from trainer.plan.memory import (BF16, FP32, activation_model, param_inventory, rank_params, recompute_peak_bytes,
-                                 save_bytes, stage_activation_bytes, static_bytes)
+from trainer.plan.memory import (BF16, FP32, activation_model, gather_bytes, param_inventory, rank_params,
+                                 recompute_peak_bytes, save_bytes, stage_activation_bytes, static_bytes)
 from trainer.plan.timing import (PAIRED_SCHEDULES, dp_seconds, pipeline_seconds, stage_costs,
                                stage_flops, stage_work)
 
 MICRO_BATCH_SIZES = (1, 2, 4)
 RECOMPUTE = ("none", "full")
-COMPONENTS = ("weights", "grads", "master", "moments", "activations", "a2a_buffers", "save", "reserved")
+COMPONENTS = ("weights", "grads", "master", "moments", "activations", "a2a_buffers", "gather", "save", "reserved")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,12 @@ class Estimate:
             big = max(("weights", "grads", "master", "moments"), key=lambda k: m[k])
             return (f"{head}: weights, gradients and optimizer state alone need {static / GIB:.1f} GiB "
                     f"(largest: {big} {m[big] / GIB:.1f} GiB); add pipeline or expert parallelism")
+        if m["gather"] > 0:
+            held = m["activations"] + m["a2a_buffers"] + m["gather"]
+            return (f"{head}: the optimizer step's all-gather buffers ({held / GIB:.1f} GiB, a copy of the "
+                    f"weights, more than the activations) on top of {static / GIB:.1f} GiB of state are over "
+                    f"budget; fewer weights per rank: more pipeline or expert parallelism, or "
+                    f"train.param_dtype=bf16")
         return (f"{head}: activations {m['activations'] / GIB:.1f} GiB (+ all-to-all buffers "
                 f"{m['a2a_buffers'] / GIB:.1f}) on top of {static / GIB:.1f} GiB of state are over budget")
 
@@ -227,7 +233,8 @@ def _static_cached(cfg_id: int, layout, stages: tuple, ep: int, dp: int, bf16_mo
     params = rank_params(inventory, blocks, embed=0 in stages, head=last in stages, cfg=cfg)
     param_bytes = BF16 if cfg.train.param_dtype == "bf16" else FP32
     st = static_bytes(params, ep, dp, bf16_moments, cfg.optim.weight_decay, param_bytes)
-    return st, params, save_bytes(params, ep, dp, st, cfg.checkpoint.async_save, param_bytes)
+    gather = gather_bytes(params, ep, dp, cfg.optim.weight_decay, param_bytes) if dp > 1 else 0
+    return st, params, gather, save_bytes(params, ep, dp, st, cfg.checkpoint.async_save, param_bytes)
 
 
 @lru_cache(maxsize=4096)
@@ -267,7 +274,7 @@ def memory(cfg, c: Candidate, cl: Cluster, act_bytes: int = 2, attention_core: s
     last = len(c.layout) - 1
     best = None
     for r, stages in enumerate(_rank_stages(c)):
-        st, _, save = _static(cfg, c, stages)
+        st, _, gather, save = _static(cfg, c, stages)
         acts = [stage_activation_bytes(cfg, am, list(c.layout[s]), s == last, tokens, act_bytes, c.fp8, c.recompute)
                 for s in stages]
         ov = cfg.parallel.overlap_on(c.ep)
@@ -280,7 +287,8 @@ def memory(cfg, c: Candidate, cl: Cluster, act_bytes: int = 2, attention_core: s
             pairs = 2 if ov else 1  # an overlapped F&B pair has two micro-batches' rows in flight
             a2a = 2.0 * pairs * tokens * cfg.moe.topk * cfg.model.hidden_size * act_bytes
         mem = {"weights": st.weights, "grads": st.grads, "master": st.master, "moments": st.moments,
-               "activations": peak, "a2a_buffers": a2a, "save": save.device, "reserved": cl.eff.reserved_gib * GIB}
+               "activations": peak, "a2a_buffers": a2a, "gather": max(0.0, gather - peak - a2a), "save": save.device,
+               "reserved": cl.eff.reserved_gib * GIB}
         est = Estimate(c, mem, r, cl.gpu.memory_bytes, host=save.host)
         if best is None or est.total > best.total:
             best = est
@@ -298,7 +306,7 @@ def _works(cfg, c: Candidate, cl: Cluster) -> list:
 
 
 def _dp_seconds(cfg, c: Candidate, cl: Cluster) -> float:
-    _, params, _ = _static(cfg, c, _rank_stages(c)[0])
+    _, params, _, _ = _static(cfg, c, _rank_stages(c)[0])
     dense = sum(p.numel for p in params if not p.expert)
     expert = sum(p.numel // c.ep for p in params if p.expert)
     return dp_seconds(dense, expert, c.dp, c.ep, cl.gpus_per_node, cl.gpu, cl.eff)

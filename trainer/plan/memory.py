@@ -16,6 +16,13 @@ test_sharded_save.py bounds a save by the shard plus one bucket); an async save
 (`checkpoint.async_save`) stages a host copy of what the rank writes: its master and moment
 shards, and its share (1/dp of the dense weights, 1/edp of its expert rows) of the weights.
 
+The optimizer step's all-gathers (`gather_bytes`): after the update, each bucket's parameters
+come back from the fp32 master shards into a flat buffer of the parameters' dtype; the buffers of
+every bucket stay alive until the next forward copies each into its parameters (ZeroAdamW's
+`defer_gather`; with `train.compile` the step waits for them instead). The first micro-batch's
+forward consumes them all before activations build up, so they count only where they exceed the
+activations and all-to-all buffers: the "gather" term is that excess.
+
 Activations are an analytic count of the tensors autograd saves per token of each block, by
 module (RMSNorm saves its input, the normalised input and its output; a SwiGLU four
 ffn-sized tensors; MLA the query/key/value of the attention core; MoE the dispatched rows, the
@@ -74,20 +81,35 @@ def rank_params(inventory: list[Param], blocks: list[int], embed: bool, head: bo
                                      else keep_embed if p.name.startswith("embed.") else head)]
 
 
-def zero_shard_elements(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1,
-                        cap: int = BUCKET_ELEMENTS) -> int:
-    """Elements of this rank's ZeRO-1 shards: ZeroAdamW's buckets (by kind and decay, reverse
-    registration order, closed at `cap`, padded to a multiple of the group) over the group size."""
+def zero_buckets(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1,
+                 cap: int = BUCKET_ELEMENTS) -> list[tuple[int, int]]:
+    """(elements, group size) of each of ZeroAdamW's buckets: by kind and decay, reverse
+    registration order, closed at `cap`; dense buckets are shared over dp, expert ones over edp."""
     spaces: dict[tuple[str, float], list[int]] = {}
     for p in params:
         kind = "edp" if p.expert else "dp"
         wd = weight_decay if p.ndim >= 2 else 0.0
         spaces.setdefault((kind, wd), []).append(p.numel // ep if p.expert else p.numel)
+    return [(n, dp // ep if kind == "edp" else dp) for (kind, _), numels in spaces.items()
+            for n in _bucket_sizes(list(reversed(numels)), cap)]
+
+
+def zero_shard_elements(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1,
+                        cap: int = BUCKET_ELEMENTS) -> int:
+    """Elements of this rank's ZeRO-1 shards: each bucket padded to a multiple of its group, over
+    the group size."""
+    return sum(math.ceil(n / size) for n, size in zero_buckets(params, ep, dp, weight_decay, cap))
+
+
+def gather_bytes(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1, param_bytes: int = FP32,
+                 cap: int = BUCKET_ELEMENTS) -> int:
+    """The optimizer step's all-gather buffers (module doc): every bucket's padded parameters in
+    the parameters' dtype, plus the rank's shard cast to that dtype when it is not fp32 (an fp32
+    master is sent as it is)."""
     total = 0
-    for (kind, _), numels in spaces.items():
-        size = dp // ep if kind == "edp" else dp
-        for n in _bucket_sizes(list(reversed(numels)), cap):
-            total += math.ceil(n / size)
+    for n, size in zero_buckets(params, ep, dp, weight_decay, cap):
+        shard = math.ceil(n / size)
+        total += param_bytes * shard * size + (param_bytes * shard if param_bytes != FP32 else 0)
     return total
 
 
