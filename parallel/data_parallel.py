@@ -10,9 +10,10 @@ master copy and AdamW moments. Per step:
   3. each rank runs AdamW (`parallel.adamw.adamw_step_`, the single-process arithmetic) on its
      fp32 shard, then the shards are all-gathered back into the parameters in the parameters'
      dtype (bf16 with `train.param_dtype` bf16: `parallel.precision`).
-The all-gather can be left in flight until the next forward (`defer_gather`): every bucket is
-waited for and copied into its parameters by a forward pre-hook of each module that owns one of
-them, just before that module first runs; `wait_params` finishes them all and is called by
+The all-gather writes the parameters themselves: from the first gather on, a bucket's parameters
+are views of one flat buffer of their dtype. It can be left in flight until the next forward
+(`defer_gather`): every bucket is waited for by a forward pre-hook of each module that owns one
+of them, just before that module first runs; `wait_params` finishes them all and is called by
 anything else that reads parameters (checkpoints, validation, loading).
 Dense parameters are replicated over the dp group; expert parameters (see `parallel.expert`)
 only over the expert-data-parallel group (edp = dp / ep). Both are multiplied by `grad_scale`:
@@ -62,6 +63,7 @@ class _Bucket:
     kind: str = "dp"                              # dp (dense) or edp (experts)
     grad_group: object = None                     # group of the overlapped reduce-scatter
     ready: int = 0                                # params whose final gradient arrived
+    param_flat: Tensor = None                     # [N] the parameters' storage, once gathered into
 
     @property
     def shard(self) -> int:
@@ -95,7 +97,7 @@ class ZeroAdamW:
         self.grad_clip, self.moment_dtype, self.step_count = grad_clip, moment_dtype, 0
         self.grad_reduce_dtype = grad_reduce_dtype
         self.deferred = False   # all-gathers left in flight until first use (defer_gather)
-        self._pending: dict[int, tuple] = {}  # bucket index -> (work, gathered flat, sent shard)
+        self._pending: dict[int, tuple] = {}  # bucket index -> (work, sent shard)
         # factor on gradients before the reduce-scatter: 1/dp averages per-rank mean losses;
         # 1.0 sums losses that are already shares of the step's (`parallel.engine.base.with_step_counts`)
         self.grad_scale = 1.0 / topology.dp if grad_scale is None else grad_scale
@@ -258,23 +260,35 @@ class ZeroAdamW:
 
     def _launch_gather(self, i: int) -> None:
         b = self.buckets[i]
-        dtype = b.params[0][1].dtype
-        assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
-        flat = torch.empty(b.numel, dtype=dtype, device=b.master.device)
-        send = b.master.to(dtype)
+        flat = self._param_buffer(b)
+        send = b.master.to(flat.dtype)  # the master itself when the parameters are fp32
         if b.size == 1:
             flat.copy_(send)
-            self._pending[i] = (None, flat, send)
+            self._pending[i] = (None, send)
         else:
-            self._pending[i] = (_all_gather_flat(flat, send, group=b.group, async_op=True), flat, send)
+            self._pending[i] = (_all_gather_flat(flat, send, group=b.group, async_op=True), send)
+
+    @staticmethod
+    def _param_buffer(b: _Bucket) -> Tensor:
+        """The bucket's parameters as views of one flat buffer of their dtype (made at the first
+        gather, after any cast of the parameters), so that the all-gather writes the parameters
+        themselves: no second copy of the weights while it is in flight."""
+        dtype = b.params[0][1].dtype
+        assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
+        if b.param_flat is None or b.param_flat.dtype != dtype or any(
+                p.data_ptr() != b.param_flat[off:].data_ptr() for _, p, off in b.params):
+            b.param_flat = torch.zeros(b.numel, dtype=dtype, device=b.master.device)
+            with torch.no_grad():
+                for _, p, off in b.params:
+                    view = b.param_flat[off:off + p.numel()].view_as(p)
+                    view.copy_(p.data)
+                    p.data = view
+        return b.param_flat
 
     def _finish_gather(self, i: int) -> None:
-        work, flat, _ = self._pending.pop(i)
+        work, _ = self._pending.pop(i)
         if work is not None:
             work.wait()
-        with torch.no_grad():
-            for _, p, off in self.buckets[i].params:
-                p.data.copy_(flat[off:off + p.numel()].view_as(p))
 
     def wait_params(self) -> None:
         """Finish every all-gather still in flight: the parameters are the masters' values."""
@@ -292,7 +306,7 @@ class ZeroAdamW:
     def defer_gather(self, model: nn.Module) -> None:
         """Leave `apply`'s all-gathers in flight, overlapped with what runs until the next forward
         and that forward itself: a forward pre-hook on every module owning parameters of a bucket
-        (tied weights: each owner) waits for that bucket and copies it in before the module runs."""
+        (tied weights: each owner) waits for that bucket before the module runs."""
         owner = {id(p): i for i, b in enumerate(self.buckets) for _, p, _ in b.params}
         for module in model.modules():
             mine = sorted({owner[id(p)] for p in module.parameters(recurse=False) if id(p) in owner})

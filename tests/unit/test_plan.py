@@ -114,15 +114,3 @@ def test_run_time_between_two_replays_equals_replaying_every_count(schedule):
     assert len(exact.micro_counts) > 3 and fast.steps == exact.steps
     assert fast.seconds == pytest.approx(exact.seconds, rel=1e-3)
 
-
-def test_step_all_gather_buffers_put_weight_heavy_layouts_over(capsys):
-    """The optimizer step's all-gathers hold a copy of the rank's weights until the next forward
-    (trainer.plan.memory); at 2048 H800s with fp32 weights some layouts hold more weights than
-    activations, and that copy is what puts them over 80 GiB. bf16 weights halve it."""
-    args = [V3, "--gpus", "2048", "--gpu", "h800", "--seq", "4096", "--global-batch", "15360", "--top", "1", "--why"]
-    assert main(args) == 0
-    fp32 = [line for line in capsys.readouterr().out.splitlines() if "all-gather buffers" in line]
-    assert fp32 and all("train.param_dtype=bf16" in line for line in fp32)
-    assert main([*args, "--set", "train.param_dtype=bf16"]) == 0
-    bf16 = [line for line in capsys.readouterr().out.splitlines() if "all-gather buffers" in line]
-    assert len(bf16) < len(fp32)

@@ -97,12 +97,6 @@ class Estimate:
             big = max(("weights", "grads", "master", "moments"), key=lambda k: m[k])
             return (f"{head}: weights, gradients and optimizer state alone need {static / GIB:.1f} GiB "
                     f"(largest: {big} {m[big] / GIB:.1f} GiB); add pipeline or expert parallelism")
-        if m["gather"] > 0:
-            held = m["activations"] + m["a2a_buffers"] + m["gather"]
-            return (f"{head}: the optimizer step's all-gather buffers ({held / GIB:.1f} GiB, a copy of the "
-                    f"weights, more than the activations) on top of {static / GIB:.1f} GiB of state are over "
-                    f"budget; fewer weights per rank: more pipeline or expert parallelism, or "
-                    f"train.param_dtype=bf16")
         return (f"{head}: activations {m['activations'] / GIB:.1f} GiB (+ all-to-all buffers "
                 f"{m['a2a_buffers'] / GIB:.1f}) on top of {static / GIB:.1f} GiB of state are over budget")
 

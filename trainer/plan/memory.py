@@ -17,11 +17,13 @@ test_sharded_save.py bounds a save by the shard plus one bucket); an async save
 shards, and its share (1/dp of the dense weights, 1/edp of its expert rows) of the weights.
 
 The optimizer step's all-gathers (`gather_bytes`): after the update, each bucket's parameters
-come back from the fp32 master shards into a flat buffer of the parameters' dtype; the buffers of
-every bucket stay alive until the next forward copies each into its parameters (ZeroAdamW's
-`defer_gather`; with `train.compile` the step waits for them instead). The first micro-batch's
-forward consumes them all before activations build up, so they count only where they exceed the
-activations and all-to-all buffers: the "gather" term is that excess.
+come back from the fp32 master shards straight into the parameters, which are views of one flat
+buffer per bucket (padded to a multiple of the group); with bf16 parameters the rank also sends
+a bf16 copy of its shard. The sends stay alive until the next forward waits for each bucket
+(ZeroAdamW's `defer_gather`; with `train.compile` the step waits instead). The first
+micro-batch's forward waits for them all before activations build up, so they count only where
+they exceed the activations and all-to-all buffers: the "gather" term is that excess; the
+padding is counted with them.
 
 Activations are an analytic count of the tensors autograd saves per token of each block, by
 module (RMSNorm saves its input, the normalised input and its output; a SwiGLU four
@@ -103,13 +105,14 @@ def zero_shard_elements(params: list[Param], ep: int, dp: int, weight_decay: flo
 
 def gather_bytes(params: list[Param], ep: int, dp: int, weight_decay: float = 0.1, param_bytes: int = FP32,
                  cap: int = BUCKET_ELEMENTS) -> int:
-    """The optimizer step's all-gather buffers (module doc): every bucket's padded parameters in
-    the parameters' dtype, plus the rank's shard cast to that dtype when it is not fp32 (an fp32
-    master is sent as it is)."""
+    """The optimizer step's all-gather bytes on top of the weights (module doc): each bucket's
+    padding (its parameters live in one flat buffer padded to a multiple of the group), plus the
+    rank's shard cast to the parameters' dtype when that is not fp32 (an fp32 master is sent as
+    it is)."""
     total = 0
     for n, size in zero_buckets(params, ep, dp, weight_decay, cap):
         shard = math.ceil(n / size)
-        total += param_bytes * shard * size + (param_bytes * shard if param_bytes != FP32 else 0)
+        total += param_bytes * (shard * size - n) + (param_bytes * shard if param_bytes != FP32 else 0)
     return total
 
 
