@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 
 def rank_fn(rank, world, param_dtype):
     from benchmarks.memtrace import peak_cpu_bytes
@@ -23,7 +25,7 @@ def rank_fn(rank, world, param_dtype):
     from parallel.precision import DTYPES, cast_params_
     from parallel.topology import Topology
     from trainer.config import load_config
-    cfg = load_config("configs/tiny.yaml", ["data.seq_len=64", "model.max_seq_len=64"])
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["data.seq_len=64", "model.max_seq_len=64"])
     topo = Topology.from_config(ParallelConfig(), num_experts=cfg.moe.num_experts)
     model = build_model(cfg)
     zero = ZeroAdamW(model, topo, lr=1e-3, weight_decay=0.1, grad_scale=1.0)
@@ -32,7 +34,7 @@ def rank_fn(rank, world, param_dtype):
     engine = ZeroEngine(model, zero, topo, torch.device("cpu"), contextlib.nullcontext, None)
     tokens = torch.randint(0, 8192, (2, 64), generator=torch.Generator().manual_seed(rank))
     held = []  # per step
-    for step in range(2):
+    for _ in range(2):
         engine.forward_backward([make_batch(tokens, None)])
         engine.reduce_and_norm()
         _, now, _ = peak_cpu_bytes(lambda: engine.apply(1e-3))
