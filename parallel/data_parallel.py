@@ -275,8 +275,9 @@ class ZeroAdamW:
         themselves: no second copy of the weights while it is in flight."""
         dtype = b.params[0][1].dtype
         assert all(p.dtype == dtype for _, p, _ in b.params), "a bucket's parameters share one dtype"
-        if b.param_flat is None or b.param_flat.dtype != dtype or any(
-                p.data_ptr() != b.param_flat[off:].data_ptr() for _, p, off in b.params):
+        flat = b.param_flat
+        if flat is None or flat.dtype != dtype or any(  # first gather, or parameters re-cast or replaced
+                p.data_ptr() != flat.data_ptr() + off * flat.element_size() for _, p, off in b.params):
             b.param_flat = torch.zeros(b.numel, dtype=dtype, device=b.master.device)
             with torch.no_grad():
                 for _, p, off in b.params:

@@ -113,4 +113,3 @@ def test_run_time_between_two_replays_equals_replaying_every_count(schedule):
     fast, exact = run_time(cfg, est, cl), run_time(cfg, est, cl, exact=True)
     assert len(exact.micro_counts) > 3 and fast.steps == exact.steps
     assert fast.seconds == pytest.approx(exact.seconds, rel=1e-3)
-
